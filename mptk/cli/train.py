@@ -1,0 +1,54 @@
+"""``mptk-train``: compose the config, check it, then train under torchrun/srun or spawn
+``launcher.nproc_per_node`` local workers. Thin: parse, call, exit code."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mptk.config.load import ConfigError, conf_dir, to_run_config
+from mptk.config.preflight import PreflightError, preflight
+from mptk.config.schema import RunConfig
+from mptk.config.store import register_schemas
+from mptk.dist.env import detect
+
+
+def checked(dcfg: DictConfig) -> tuple[RunConfig, int]:
+    """Typed config with the run dir filled in, and the world size; raises on bad input."""
+    cfg = to_run_config(dcfg)
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    env = detect()
+    world = env.world_size if env else cfg.launcher.nproc_per_node
+    preflight(cfg, world, torch.cuda.is_available())
+    return cfg, world
+
+
+def train(dcfg: DictConfig) -> None:
+    try:
+        cfg, world = checked(dcfg)
+    except (ConfigError, PreflightError) as err:
+        print(f"mptk: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    env = detect()
+    if env is not None:
+        from mptk.train.loop import run
+
+        run(cfg, env)
+    from mptk.launch.local import spawn
+
+    code = spawn(cfg, world)
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    register_schemas()
+    hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(train)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""megatron-core on a machine without a GPU: every CUDA assumption redirected to the CPU, here only.
+
+megatron-core 0.16.1 assumes CUDA in a few places (see ``PATCHES``). :func:`activate` redirects
+them and is called by :mod:`mptk.dist.groups` only when the run's device is the CPU; on a GPU
+nothing here is touched. Each patch names the megatron module and the source text it relies on:
+``tests/unit/test_compat.py`` checks that text is still there, so a megatron-core upgrade that
+moves a call site fails a test instead of silently running the CUDA path.
+
+What is redirected:
+- ``torch.cuda.current_device()`` -> the CPU device (attention's global memory buffer,
+  inference KV buffers, ``param_and_grad_buffer``, p2p receive buffers).
+- ``torch.cuda.synchronize`` -> no-op (p2p and dist-checkpoint saving).
+- The CUDA RNG tracker -> :class:`CpuRNGStatesTracker`, which keeps megatron's semantics (a
+  tensor-parallel stream different per TP rank and equal across DP, a data-parallel stream) on
+  the CPU generator.
+- Tensors created with ``device="cuda"`` or moved with ``.cuda()`` inside megatron's schedules
+  -> the CPU, through :func:`device_scope` (a ``TorchFunctionMode``) around those calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron.core.tensor_parallel import random as mrandom
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """One megatron-core CUDA call site that this module redirects."""
+
+    module: str
+    """Importable megatron module holding the call site."""
+    needle: str
+    """Source text the redirect relies on; a test fails if megatron drops it."""
+    why: str
+    """What breaks on CPU without the redirect."""
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("megatron.core.utils", "device=torch.cuda.current_device()",
+          "GlobalMemoryBuffer allocates attention scores on the current CUDA device"),
+    Patch("megatron.core.transformer.dot_product_attention",
+          "parallel_state.get_global_memory_buffer().get_tensor(",
+          "local attention takes its score buffer from the global memory buffer"),
+    Patch("megatron.core.transformer.dot_product_attention",
+          "tensor_parallel.get_cuda_rng_tracker().fork()",
+          "attention dropout always forks the CUDA RNG tracker"),
+    Patch("megatron.core.tensor_parallel.random", "torch.cuda.get_rng_state()",
+          "the stock tracker reads and writes the CUDA generator"),
+    Patch("megatron.core.tensor_parallel.random", "torch.cuda.manual_seed(data_parallel_seed)",
+          "model_parallel_cuda_manual_seed seeds the CUDA generator"),
+    Patch("megatron.core.pipeline_parallel.schedules", 'device="cuda"',
+          "the schedules build loss/num-token tensors on CUDA, even at pp=1"),
+    Patch("megatron.core.pipeline_parallel.p2p_communication", "torch.cuda.current_device()",
+          "pipeline receive buffers are allocated on the current CUDA device"),
+    Patch("megatron.core.pipeline_parallel.p2p_communication", "torch.cuda.synchronize()",
+          "batched p2p synchronizes the CUDA stream"),
+)
+
+
+class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+    """megatron's RNG tracker with the named states kept for the CPU generator."""
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def model_parallel_cpu_manual_seed(seed: int, tp_rank: int) -> None:
+    """CPU twin of megatron's ``model_parallel_cuda_manual_seed`` (same offsets)."""
+    torch.manual_seed(seed)
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(value, str) and value.startswith("cuda"):
+        return "cpu"
+    return value
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Maps ``device="cuda"`` arguments and ``Tensor.cuda()`` to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs:
+            kwargs = {**kwargs, "device": _to_cpu(kwargs["device"])}
+        if func is torch.Tensor.to:
+            args = tuple(_to_cpu(a) for a in args)
+        return func(*args, **kwargs)
+
+
+_ACTIVE = False
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def activate() -> None:
+    """Redirect megatron-core's CUDA call sites to the CPU (idempotent; CPU runs only)."""
+    global _ACTIVE
+    if _ACTIVE:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("mptk.compat.cpu.activate() is for machines without a GPU")
+    torch.cuda.current_device = _cpu_device
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _ACTIVE = True
+
+
+def device_scope():
+    """Context for calls into megatron code that builds CUDA tensors (schedules, optimizer
+    helpers): maps them to the CPU while active, a no-op on GPU. Kept off the pp=1 hot path,
+    since a TorchFunctionMode sees every torch call."""
+    return CudaToCpuMode() if _ACTIVE else contextlib.nullcontext()
+
+
+def is_active() -> bool:
+    return _ACTIVE

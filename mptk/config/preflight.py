@@ -1,0 +1,280 @@
+"""Preflight: check a run's layout and settings before any process starts or any weight exists.
+
+:func:`preflight` is pure (config, world size, CUDA visible -> :class:`Layout`). It collects
+every problem and raises one :class:`PreflightError` with one line per problem, each naming
+the factors involved and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mptk.config.schema import (
+    Backend,
+    DataConfig,
+    DataSource,
+    Device,
+    DType,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    ZeroConfig,
+)
+from mptk.models import registry
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How the world splits: world = tp * pp * dp; global batch = micro * grad_acc * dp."""
+
+    tp: int
+    pp: int
+    dp: int
+    grad_acc: int
+    world: int
+
+
+class PreflightError(ValueError):
+    """Every problem found, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def preflight(cfg: RunConfig, world_size: int, cuda_available: bool) -> Layout:
+    """The run's :class:`Layout`, or :class:`PreflightError` listing every problem."""
+    dp = _dp(cfg.parallel, world_size)
+    problems = [
+        *_parallel(cfg.parallel, world_size),
+        *_model(cfg.model, cfg.parallel),
+        *_batch(cfg.train, dp),
+        *_zero(cfg.zero, cfg.parallel),
+        *_device(cfg, cuda_available),
+        *_train(cfg.train),
+        *_optim(cfg.optim, cfg.train),
+        *_data(cfg.data),
+        *_recipe(cfg),
+    ]
+    if problems:
+        raise PreflightError(problems)
+    grad_acc = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    return Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, grad_acc=grad_acc, world=world_size)
+
+
+def _dp(p: ParallelConfig, world: int) -> int | None:
+    """Data-parallel degree, or None when the layout itself is invalid."""
+    if p.tp < 1 or p.pp < 1 or world < 1 or world % (p.tp * p.pp):
+        return None
+    return world // (p.tp * p.pp)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _at_least(name: str, value: float, low: float, fix: str) -> list[str]:
+    return [] if value >= low else [f"{name}({value}) must be >= {low}; {fix}"]
+
+
+def _divisible(name: str, value: int, by_name: str, by: int, fix: str) -> list[str]:
+    """``value % by == 0`` (skipped when ``by`` is invalid; that has its own line)."""
+    if by < 1 or value % by == 0:
+        return []
+    return [f"{name}({value}) is not divisible by {by_name}({by}); {fix}"]
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def _parallel(p: ParallelConfig, world: int) -> list[str]:
+    problems = [
+        *_at_least("parallel.tp", p.tp, 1, "set the tensor-parallel degree to 1 or more"),
+        *_at_least("parallel.pp", p.pp, 1, "set the pipeline-parallel degree to 1 or more"),
+        *_at_least("world", world, 1, "start at least one process (launcher.nproc_per_node)"),
+    ]
+    if problems:
+        return problems
+    size = p.tp * p.pp
+    if size > world:
+        return [
+            f"parallel: tp({p.tp})*pp({p.pp})={size} exceeds world({world}); "
+            f"lower tp/pp or raise launcher.nproc_per_node to a multiple of {size}"
+        ]
+    if world % size:
+        return [
+            f"parallel: tp({p.tp})*pp({p.pp})={size} does not divide world({world}); "
+            "choose tp*pp dividing the world size or change launcher.nproc_per_node"
+        ]
+    return []
+
+
+def _model(m: ModelConfig, p: ParallelConfig) -> list[str]:
+    return [*_model_sizes(m), *_heads(m, p), *_layers(m, p), *_vocab(m, p)]
+
+
+def _model_sizes(m: ModelConfig) -> list[str]:
+    return [
+        *_at_least("model.num_layers", m.num_layers, 1, "give the model at least one layer"),
+        *_at_least("model.hidden_size", m.hidden_size, 1, "give the model a positive width"),
+        *_at_least("model.num_attention_heads", m.num_attention_heads, 1, "use at least one head"),
+        *_at_least("model.seq_length", m.seq_length, 1, "use sequences of at least one token"),
+        *_ffn(m.ffn_hidden_size),
+        *_dropout("model.hidden_dropout", m.hidden_dropout),
+        *_dropout("model.attention_dropout", m.attention_dropout),
+    ]
+
+
+def _ffn(ffn: int | None) -> list[str]:
+    if ffn is None or ffn >= 1:
+        return []
+    return [f"model.ffn_hidden_size({ffn}) must be >= 1; set a positive MLP width or null for 4 x hidden"]
+
+
+def _dropout(name: str, value: float) -> list[str]:
+    if 0.0 <= value < 1.0:
+        return []
+    return [f"{name}({value}) must be in [0, 1); use a dropout probability such as 0.1"]
+
+
+def _heads(m: ModelConfig, p: ParallelConfig) -> list[str]:
+    heads, groups = m.num_attention_heads, m.num_query_groups
+    problems = _divisible(
+        "model.num_attention_heads", heads, "parallel.tp", p.tp,
+        f"choose parallel.tp dividing {heads} or change the head count",
+    )
+    problems += _divisible(
+        "model.hidden_size", m.hidden_size, "model.num_attention_heads", heads,
+        "make hidden_size a multiple of the head count",
+    )
+    return problems + ([] if groups is None else _query_groups(heads, groups, p.tp))
+
+
+def _query_groups(heads: int, groups: int, tp: int) -> list[str]:
+    """Grouped-query attention: groups split over tp ranks and heads split over groups."""
+    if groups < 1:
+        return [f"model.num_query_groups({groups}) must be >= 1; use null for multi-head attention"]
+    return [
+        *_divisible(
+            "model.num_query_groups", groups, "parallel.tp", tp,
+            f"choose parallel.tp dividing {groups} or change num_query_groups",
+        ),
+        *_divisible(
+            "model.num_attention_heads", heads, "model.num_query_groups", groups,
+            f"choose num_query_groups dividing {heads}",
+        ),
+    ]
+
+
+def _layers(m: ModelConfig, p: ParallelConfig) -> list[str]:
+    return _divisible(
+        "model.num_layers", m.num_layers, "parallel.pp", p.pp,
+        f"choose parallel.pp dividing {m.num_layers} or change the layer count",
+    )
+
+
+def _vocab(m: ModelConfig, p: ParallelConfig) -> list[str]:
+    """Recipes with a vocabulary: at least 2 tokens, split evenly over tp ranks."""
+    vocab = getattr(m, "vocab_size", None)
+    if vocab is None:
+        return []
+    if vocab < 2:
+        return [f"model.vocab_size({vocab}) must be >= 2; use a real vocabulary size such as 4096"]
+    padded = -(-vocab // max(p.tp, 1)) * max(p.tp, 1)
+    return _divisible(
+        "model.vocab_size", vocab, "parallel.tp", p.tp, f"pad it to a multiple of {p.tp} (e.g. {padded})"
+    )
+
+
+def _batch(t: TrainConfig, dp: int | None) -> list[str]:
+    micro, total = t.micro_batch_size, t.global_batch_size
+    problems = [
+        *_at_least("train.micro_batch_size", micro, 1, "use at least one sample per forward pass"),
+        *_at_least("train.global_batch_size", total, 1, "use at least one sample per step"),
+    ]
+    if problems or dp is None or total % (micro * dp) == 0:
+        return problems
+    return [
+        f"train.global_batch_size({total}) != micro_batch_size({micro}) * grad_acc * dp({dp}): "
+        f"make it a multiple of {micro * dp} (or change train.micro_batch_size)"
+    ]
+
+
+def _zero(z: ZeroConfig, p: ParallelConfig) -> list[str]:
+    if z.stage not in (0, 1, 2, 3):
+        return [f"zero.stage({z.stage}) must be 0, 1, 2 or 3; pick a ZeRO stage (zero=zero0..zero3)"]
+    problems = []
+    if z.stage >= 2 and p.pp > 1:
+        problems.append(
+            f"zero.stage({z.stage}) with parallel.pp({p.pp}): DeepSpeed refuses ZeRO-2/3 with "
+            "pipeline parallelism; use zero.stage<=1 or parallel.pp=1"
+        )
+    if z.offload_params and z.stage != 3:
+        problems.append(
+            f"zero.offload_params needs zero.stage=3 (got {z.stage}); "
+            "use zero=zero3_offload or zero.offload_params=false"
+        )
+    return problems
+
+
+def _device(cfg: RunConfig, cuda: bool) -> list[str]:
+    t, backend = cfg.train, cfg.launcher.backend
+    on_cpu = t.device is Device.cpu or (t.device is Device.auto and not cuda)
+    problems = []
+    if t.device is Device.cuda and not cuda:
+        problems.append("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if t.dtype is DType.fp16 and on_cpu:
+        problems.append("train.dtype=fp16 is not supported on CPU; use train.dtype=bf16 or fp32")
+    if backend is Backend.nccl and on_cpu:
+        problems.append("launcher.backend=nccl needs CUDA but the run is on CPU; use launcher.backend=auto or gloo")
+    return problems
+
+
+def _train(t: TrainConfig) -> list[str]:
+    return [
+        *_at_least("train.steps", t.steps, 1, "train for at least one step"),
+        *_at_least("train.log_interval", t.log_interval, 1, "log every step or more"),
+        *_at_least("train.eval_interval", t.eval_interval, 0, "use 0 to evaluate only at the end"),
+        *_at_least("train.eval_batches", t.eval_batches, 1, "evaluate at least one micro-batch"),
+    ]
+
+
+def _optim(o: OptimConfig, t: TrainConfig) -> list[str]:
+    problems = [] if o.lr > 0 else [f"optim.lr({o.lr}) must be > 0; use a positive learning rate such as 1e-3"]
+    problems += _at_least("optim.min_lr", o.min_lr, 0, "use a non-negative final learning rate")
+    if o.min_lr > o.lr:
+        problems.append(f"optim.min_lr({o.min_lr}) > optim.lr({o.lr}); set min_lr <= lr")
+    problems += _at_least("optim.grad_clip", o.grad_clip, 0, "use 0 to disable clipping")
+    problems += _at_least("optim.weight_decay", o.weight_decay, 0, "use 0 to disable weight decay")
+    problems += _at_least("optim.warmup_steps", o.warmup_steps, 0, "use 0 for no warm-up")
+    if o.warmup_steps > t.steps:
+        problems.append(
+            f"optim.warmup_steps({o.warmup_steps}) > train.steps({t.steps}); "
+            "shorten the warm-up or train longer"
+        )
+    return problems
+
+
+def _data(d: DataConfig) -> list[str]:
+    problems = []
+    if not 0.0 < d.heldout_fraction < 1.0:
+        problems.append(
+            f"data.heldout_fraction({d.heldout_fraction}) must be in (0, 1); use e.g. 0.02"
+        )
+    if d.source is DataSource.files and not d.paths:
+        problems.append("data.paths is empty with data.source=files; give globs, e.g. 'data.paths=[notes/*.txt]'")
+    problems += _at_least("data.max_chars", d.max_chars, 1, "read at least some text")
+    return problems
+
+
+def _recipe(cfg: RunConfig) -> list[str]:
+    """The recipe's own checks; an unknown recipe is one line naming the known ones."""
+    try:
+        recipe = registry.get(cfg.model.recipe)
+    except KeyError as exc:
+        return [f"{exc.args[0]}; fix model.recipe or pick another model=<option>"]
+    try:
+        return list(recipe.checks(cfg))
+    except Exception as exc:  # a recipe check tripping over an invalid field reported above
+        return [f"model.recipe={recipe.name}: its checks failed ({type(exc).__name__}: {exc}); fix the lines above"]

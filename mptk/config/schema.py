@@ -1,0 +1,263 @@
+"""Typed configuration: one dataclass per Hydra group, composed into :class:`RunConfig`.
+
+Every dataclass is ``kw_only`` and ``slots``: an unknown key (``+model.typo=1``) cannot be
+silently kept, because a slotted object has no room for it. Choices are Enums, because
+OmegaConf rejects ``Literal``. Nothing below the CLI reads a DictConfig: the CLI converts
+the composed config to these objects once (see :mod:`mptk.config.load`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+class AttentionImpl(Enum):
+    """Core attention implementation, chosen through the layer spec."""
+
+    sdpa = "sdpa"
+    """``torch.nn.functional.scaled_dot_product_attention`` (flash/memory-efficient kernels)."""
+    local = "local"
+    """megatron-core's stock ``DotProductAttention`` (baddbmm + softmax)."""
+
+
+class Normalization(Enum):
+    LayerNorm = "LayerNorm"
+    RMSNorm = "RMSNorm"
+
+
+class Activation(Enum):
+    gelu = "gelu"
+    swiglu = "swiglu"
+
+
+class PositionEmbedding(Enum):
+    learned_absolute = "learned_absolute"
+    rope = "rope"
+
+
+class DType(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Device(Enum):
+    auto = "auto"
+    """CUDA when a GPU is visible, else CPU."""
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Backend(Enum):
+    auto = "auto"
+    """nccl on CUDA, gloo on CPU."""
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class OptimizerName(Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class LRSchedule(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class DataSource(Enum):
+    stdlib = "stdlib"
+    """The ``.py`` files of Python's own standard library: real text on every machine."""
+    files = "files"
+    """Plain-text files matched by ``data.paths`` (globs)."""
+
+
+class WandbMode(Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Fields every recipe's model config has; a recipe derives its own schema from this."""
+
+    recipe: str = MISSING
+    """Name of the recipe in the registry that builds this model (e.g. ``gpt``)."""
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    num_attention_heads: int = 4
+    """Attention heads; must divide by ``parallel.tp``."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; ``None`` means multi-head attention."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP width; ``None`` means 4 x hidden_size."""
+    seq_length: int = 128
+    """Tokens (or patches) per sample."""
+    attention: AttentionImpl = AttentionImpl.sdpa
+    """Core attention implementation swapped in through the layer spec."""
+    normalization: Normalization = Normalization.LayerNorm
+    """Norm layer type."""
+    activation: Activation = Activation.gelu
+    """MLP activation; ``swiglu`` uses a gated MLP."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    init_method_std: float = 0.02
+    """Std of the normal weight initialisation."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """Model-parallel layout. ``dp`` is derived: world / (tp * pp)."""
+
+    tp: int = 1
+    """Tensor-parallel degree (megatron-core ``tensor_model_parallel_size``)."""
+    pp: int = 1
+    """Pipeline-parallel degree (megatron-core ``pipeline_model_parallel_size``)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ZeroConfig:
+    """DeepSpeed ZeRO settings; turned into the DeepSpeed config dict in one place."""
+
+    stage: int = 0
+    """ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the step) on the CPU."""
+    offload_params: bool = False
+    """ZeRO-3 only: keep parameters on the CPU."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per reduction bucket."""
+    stage3_param_persistence_threshold: int = 0
+    """ZeRO-3: parameters smaller than this stay unpartitioned (0 = partition all)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form DeepSpeed config merged last (recursively) over the generated one."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: OptimizerName = OptimizerName.adamw
+    """Optimizer (torch implementation, handed to DeepSpeed)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Final learning rate of the decay."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    beta1: float = 0.9
+    """Adam beta1 (SGD momentum)."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    schedule: LRSchedule = LRSchedule.cosine
+    """Decay after warm-up, down to ``min_lr`` at ``train.steps``."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the training text comes from and how it is tokenized."""
+
+    source: DataSource = DataSource.stdlib
+    """Text source."""
+    paths: list[str] = field(default_factory=list)
+    """Globs of text files when ``source=files``."""
+    cache_dir: str = "~/.cache/mptk"
+    """Tokenizer and token caches, reused across runs."""
+    max_chars: int = 8_000_000
+    """Upper bound on characters of text read (keeps the first tokenization short)."""
+    heldout_fraction: float = 0.02
+    """Fraction of documents held out for evaluation."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 4
+    """Samples per forward pass per data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all ranks = micro * grad_acc * dp."""
+    seed: int = 1234
+    """Seed for weights, data order and dropout."""
+    dtype: DType = DType.fp32
+    """Parameter / compute dtype."""
+    device: Device = Device.auto
+    """Where to run."""
+    log_interval: int = 10
+    """Steps between metric lines."""
+    eval_interval: int = 50
+    """Steps between held-out evaluations (0 = only at the end)."""
+    eval_batches: int = 4
+    """Micro-batches per evaluation."""
+
+
+@dataclass(kw_only=True, slots=True)
+class WandbConfig:
+    """Weights & Biases logging."""
+
+    mode: WandbMode = WandbMode.offline
+    """offline writes under the run dir (``wandb sync`` later); online needs a login."""
+    project: str = "mptk"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user)."""
+    name: Optional[str] = None
+    """Run name; defaults to the run dir's name."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LogConfig:
+    """Metrics output."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """W&B settings."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LauncherConfig:
+    """How workers start when ``mptk-train`` is not already under torchrun or srun."""
+
+    nproc_per_node: int = 1
+    """Local workers to spawn when started bare."""
+    backend: Backend = Backend.auto
+    """torch.distributed backend."""
+    master_addr: str = "127.0.0.1"
+    """Rendezvous address for local spawn."""
+    master_port: int = 0
+    """Rendezvous port for local spawn (0 = pick a free one)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """One training run: every group, composed by Hydra and converted once at the CLI."""
+
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run_dir: str = "."
+    """Where this run writes; set by the CLI from Hydra's run dir."""

@@ -1,0 +1,117 @@
+"""The one owner of distributed state: the default process group, megatron-core's tp/pp/dp
+groups and the model-parallel RNG seeds. Model code never creates process groups.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from mptk.config.schema import Backend, Device
+from mptk.dist.env import DistEnv
+
+_AXES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size"}
+
+
+def megatron_sizes(tp: int, pp: int) -> dict[str, int]:
+    """Short axis names mapped to megatron's long keyword names (the only such mapping)."""
+    return {_AXES["tp"]: tp, _AXES["pp"]: pp}
+
+
+def resolve_device(device: Device) -> torch.device:
+    """``auto`` is CUDA when a GPU is visible, else the CPU."""
+    if device is Device.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device.value)
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> str:
+    if backend is Backend.auto:
+        return "nccl" if device.type == "cuda" else "gloo"
+    return backend.value
+
+
+def init(env: DistEnv, tp: int, pp: int, device: torch.device, backend: str, seed: int) -> None:
+    """Default group from ``env``, then megatron's groups, then per-tp-rank seeds."""
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    else:
+        from mptk.compat import cpu
+
+        cpu.activate()
+    export_env(env)
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(minutes=10))
+    ps.initialize_model_parallel(**megatron_sizes(tp, pp))
+    seed_model_parallel(seed, device)
+
+
+def export_env(env: DistEnv) -> None:
+    """torch-style variables, which DeepSpeed reads (LOCAL_RANK) whatever the launcher."""
+    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank),
+                      WORLD_SIZE=str(env.world_size), MASTER_ADDR=env.master_addr,
+                      MASTER_PORT=str(env.master_port))
+
+
+def seed_model_parallel(seed: int, device: torch.device) -> None:
+    """megatron's seeding semantics: a TP stream per tp rank, equal across dp."""
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        from mptk.compat.cpu import model_parallel_cpu_manual_seed
+
+        model_parallel_cpu_manual_seed(seed, ps.get_tensor_model_parallel_rank())
+
+
+def tp_rank() -> int:
+    return ps.get_tensor_model_parallel_rank()
+
+
+def pp_rank() -> int:
+    return ps.get_pipeline_model_parallel_rank()
+
+
+def dp_rank() -> int:
+    return ps.get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    return ps.get_data_parallel_world_size()
+
+
+def dp_group():
+    return ps.get_data_parallel_group()
+
+
+def is_last_stage() -> bool:
+    return ps.is_pipeline_last_stage()
+
+
+def is_first_stage() -> bool:
+    return ps.is_pipeline_first_stage()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def finish(exit_code: int = 0) -> None:
+    """End a worker without gloo's exit race: barrier, flush, then a hard exit.
+
+    On torch 2.13 a gloo worker aborts during interpreter shutdown in about 1 run of 5
+    ("terminate called without an active exception") once DeepSpeed holds groups; skipping
+    the interpreter's teardown after a final barrier avoids it.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -1,0 +1,116 @@
+"""DeepSpeed owns data parallelism, ZeRO and the optimizer: its config is generated here,
+from the typed ``zero``/``optim``/``train`` groups, in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mptk.config.preflight import Layout
+from mptk.config.schema import DType, LRSchedule, OptimizerName, RunConfig
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """Recursive dict merge, ``extra`` winning."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merge(out[key], value)
+        out[key] = value
+    return out
+
+
+def zero_section(cfg: RunConfig) -> dict[str, Any]:
+    zero = cfg.zero
+    section: dict[str, Any] = {
+        "stage": zero.stage, "overlap_comm": zero.overlap_comm, "contiguous_gradients": True,
+        "reduce_bucket_size": zero.reduce_bucket_size,
+        "allgather_bucket_size": zero.reduce_bucket_size,
+    }
+    if zero.stage == 3:
+        section["stage3_param_persistence_threshold"] = zero.stage3_param_persistence_threshold
+    if zero.offload_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if zero.offload_params:
+        section["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return section
+
+
+def ds_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
+    """The DeepSpeed config dict; ``zero.extra`` is merged last."""
+    train = cfg.train
+    config = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_acc,
+        # DeepSpeed 0.19.8 defaults to 1.0, which would silently clip every step.
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero_section(cfg),
+        "bf16": {"enabled": train.dtype is DType.bf16},
+        "fp16": {"enabled": train.dtype is DType.fp16},
+        # The optimizer is a torch one (no JIT build); allow it under ZeRO and offload.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, cfg.zero.extra)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on biases and norm weights)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """A torch optimizer handed to DeepSpeed (no fused/CPU-Adam JIT build)."""
+    opt, groups = cfg.optim, param_groups(model, cfg.optim.weight_decay)
+    if opt.name is OptimizerName.sgd:
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.beta1)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Multiplier of ``optim.lr`` at ``step``: linear warm-up, then decay to ``min_lr``."""
+    opt, total = cfg.optim, cfg.train.steps
+    if step < opt.warmup_steps:
+        return (step + 1) / opt.warmup_steps
+    if opt.schedule is LRSchedule.constant:
+        return 1.0
+    progress = min(1.0, (step - opt.warmup_steps) / max(1, total - opt.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if opt.schedule is LRSchedule.cosine \
+        else 1.0 - progress
+    floor = opt.min_lr / opt.lr
+    return floor + (1 - floor) * shape
+
+
+def disable_jit_probes() -> None:
+    """DeepSpeed probes (compiles) every op on first access of ``__compatible_ops__``, and
+    builds its shm comm op at comm init though training never uses it: answer 'none'."""
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {}
+
+
+def initialize(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
+    """``deepspeed.initialize`` with the mpu adapter over megatron's groups."""
+    disable_jit_probes()
+    import deepspeed
+
+    from mptk.dist.mpu import MegatronMpu
+
+    opt = optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=scheduler, mpu=MegatronMpu(),
+        config=ds_config(cfg, layout), dist_init_required=False)
+    return engine

@@ -1,0 +1,56 @@
+"""Start N local workers when ``mptk-train`` runs bare (no torchrun, no srun)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import time
+
+from mptk.config.schema import RunConfig
+from mptk.dist.env import DistEnv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(cfg: RunConfig, env: DistEnv) -> None:
+    from mptk.train.loop import run
+
+    run(cfg, env)
+
+
+def spawn(cfg: RunConfig, nproc: int) -> int:
+    """Run ``nproc`` workers; return 0, or the first failing worker's exit code."""
+    port = cfg.launcher.master_port or free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, name=f"mptk-rank{r}", args=(cfg, DistEnv(
+        rank=r, local_rank=r, world_size=nproc, master_addr=cfg.launcher.master_addr,
+        master_port=port, launcher="spawn"))) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    return wait(procs)
+
+
+def wait(procs: list) -> int:
+    """Wait for all; when one fails, stop the others (they would hang in a collective)."""
+    while any(p.is_alive() for p in procs):
+        failed = [p for p in procs if p.exitcode not in (None, 0)]
+        if failed:
+            _stop(procs)
+            print(f"mptk: worker {failed[0].name} exited with code {failed[0].exitcode}; "
+                  f"stopped the others", flush=True)
+            return failed[0].exitcode or 1
+        time.sleep(0.2)
+    codes = [p.exitcode for p in procs]
+    return next((c for c in codes if c != 0), 0)
+
+
+def _stop(procs: list) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)

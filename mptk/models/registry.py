@@ -1,0 +1,101 @@
+"""Recipe registry: a recipe is a config schema, a model builder and a batch/loss function.
+
+Recipes live outside the library (``recipes/`` in this repo, or any folder named in the
+``MPTK_RECIPE_PATH`` environment variable). :func:`discover` imports them; each calls
+:func:`register` at import time, which also stores its schema as ``base_<name>`` in Hydra's
+ConfigStore under the ``model`` group, so a YAML option can extend it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pkgutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.core.config_store import ConfigStore
+
+from mptk.config.schema import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """What mptk needs to train one kind of model."""
+
+    name: str
+    """Registry key; ``model.recipe`` in the config."""
+    config: type[ModelConfig]
+    """Schema of the model group (a ModelConfig subclass)."""
+    build: Callable[..., Any]
+    """``build(model_cfg, ctx) -> torch.nn.Module`` for this rank's stage."""
+    loss: Callable[..., Any]
+    """``loss(model, batch) -> (scalar loss, metrics dict)``."""
+    data: Callable[..., Any]
+    """``data(run_cfg, ctx) -> DataSource`` with ``train_batches`` and ``eval_batches``."""
+    checks: Callable[..., list[str]] = lambda run_cfg: []
+    """Extra preflight checks: ``checks(run_cfg) -> list of error lines``."""
+    units: str = "tokens"
+    """What throughput counts (tokens, images)."""
+
+
+_RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    """Add a recipe and store its schema as ``model/base_<name>`` in the ConfigStore."""
+    _RECIPES[recipe.name] = recipe
+    ConfigStore.instance().store(group="model", name=f"base_{recipe.name}", node=recipe.config)
+    return recipe
+
+
+def get(name: str) -> Recipe:
+    """The recipe called ``name``, or a one-line error listing the known ones."""
+    discover()
+    if name not in _RECIPES:
+        known = ", ".join(sorted(_RECIPES)) or "none"
+        raise KeyError(f"model.recipe={name!r} is not a registered recipe (known: {known})")
+    return _RECIPES[name]
+
+
+def names() -> list[str]:
+    discover()
+    return sorted(_RECIPES)
+
+
+def _import_tree(folder: Path) -> None:
+    """Import every package directly under ``folder`` (each is one recipe)."""
+    for info in pkgutil.iter_modules([str(folder)]):
+        if info.name in sys.modules:
+            continue
+        spec = info.module_finder.find_spec(info.name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[info.name] = module
+        spec.loader.exec_module(module)
+
+
+def discover() -> None:
+    """Import the bundled recipes and those on ``MPTK_RECIPE_PATH`` (idempotent)."""
+    import recipes  # the bundled ones, shipped beside mptk
+
+    for info in pkgutil.iter_modules(recipes.__path__):
+        importlib.import_module(f"recipes.{info.name}")
+    for folder in filter(None, os.environ.get("MPTK_RECIPE_PATH", "").split(os.pathsep)):
+        _import_tree(Path(folder))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelContext:
+    """What a recipe's ``build`` needs to know about this rank besides its model config."""
+
+    tp: int
+    pp: int
+    dtype: Any
+    """mptk ``DType``."""
+    pre_process: bool
+    """This pipeline stage holds the input embedding."""
+    post_process: bool
+    """This pipeline stage holds the output layer and loss."""

@@ -1,0 +1,143 @@
+"""A worker's whole run: groups, data, model, engine, the loop, metrics, a clean end."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mptk.config.preflight import Layout, preflight
+from mptk.config.schema import RunConfig
+from mptk.dist import groups
+from mptk.dist.env import DistEnv
+from mptk.log.metrics import Metrics
+from mptk.models import registry
+from mptk.train.step import evaluate, train_step
+
+
+@dataclass(slots=True)
+class Worker:
+    """Everything a rank holds while training."""
+
+    cfg: RunConfig
+    layout: Layout
+    device: torch.device
+    recipe: registry.Recipe
+    data: object
+    engine: object
+    metrics: Metrics
+
+
+def say(text: str) -> None:
+    """Rank 0 speaks on the console."""
+    if groups.rank() == 0:
+        print(f"mptk: {text}", flush=True)
+
+
+def rank_zero_first(fn):
+    """Run ``fn`` on rank 0 first (it fills caches), then on the others."""
+    if groups.rank() == 0:
+        result = fn()
+        dist.barrier()
+        return result
+    dist.barrier()
+    return fn()
+
+
+def build_model(recipe: registry.Recipe, cfg: RunConfig, layout: Layout, device) -> torch.nn.Module:
+    ctx = registry.ModelContext(tp=layout.tp, pp=layout.pp, dtype=cfg.train.dtype,
+                                pre_process=groups.is_first_stage(),
+                                post_process=groups.is_last_stage())
+    return recipe.build(cfg.model, ctx).to(device)
+
+
+def setup(cfg: RunConfig, env: DistEnv) -> Worker:
+    """Process groups, data, model and DeepSpeed engine for this rank."""
+    from mptk.engine import deepspeed as ds
+
+    layout = preflight(cfg, env.world_size, torch.cuda.is_available())
+    device = groups.resolve_device(cfg.train.device)
+    backend = groups.resolve_backend(cfg.launcher.backend, device)
+    groups.init(env, layout.tp, layout.pp, device, backend, cfg.train.seed)
+    say(f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp} grad_acc={layout.grad_acc} "
+        f"world={layout.world} on {device.type} ({backend}); run dir {cfg.run_dir}")
+    recipe = registry.get(cfg.model.recipe)
+    data = rank_zero_first(lambda: recipe.data(cfg, layout, log=say))
+    model = build_model(recipe, cfg, layout, device)
+    say(f"model {cfg.model.recipe}: {parameter_count(model):,} parameters on this rank")
+    engine = ds.initialize(model, cfg, layout)
+    return Worker(cfg, layout, device, recipe, data, engine, Metrics(cfg, groups.rank() == 0))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return rss_mb()
+
+
+def row(w: Worker, step: int, loss: float, seconds: float) -> dict:
+    """One metrics.jsonl record (``step`` counts completed optimizer steps)."""
+    units = w.cfg.train.global_batch_size * w.cfg.model.seq_length
+    return {"step": step, "steps": w.cfg.train.steps, "loss": loss,
+            "lr": w.engine.get_lr()[0], "grad_norm": _grad_norm(w.engine),
+            "tokens_per_s": units / seconds, "step_time_s": seconds,
+            "rss_mb": memory_mb(w.device)}
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def should_eval(cfg: RunConfig, step: int) -> bool:
+    interval = cfg.train.eval_interval
+    return step == cfg.train.steps or (interval > 0 and step % interval == 0)
+
+
+def train(w: Worker) -> None:
+    """The loop: steps, a metrics line every ``log_interval``, held-out eval."""
+    cfg = w.cfg
+    for step in range(cfg.train.steps):
+        start = time.perf_counter()
+        loss = train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device)
+        record = row(w, step + 1, loss, time.perf_counter() - start)
+        if should_eval(cfg, step + 1):
+            record["eval_loss"] = evaluate(w.engine, w.recipe, w.data, w.device)
+        log_now = (step + 1) % cfg.train.log_interval == 0 or "eval_loss" in record
+        w.metrics.log(record, console=log_now)
+
+
+def run(cfg: RunConfig, env: DistEnv) -> None:
+    """Entry of every worker; ends the process (see :func:`groups.finish`)."""
+    code = 1
+    try:
+        worker = setup(cfg, env)
+        train(worker)
+        worker.metrics.close()
+        say(f"done: {cfg.train.steps} steps; metrics in {cfg.run_dir}/metrics.jsonl")
+        code = 0
+    finally:
+        groups.finish(code) if code == 0 else _abort(code)
+
+
+def _abort(code: int) -> None:
+    """On failure: print the traceback, then exit without waiting on peers."""
+    import os
+    import sys
+    import traceback
+
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(code)

@@ -55,8 +55,8 @@ def conf_dir() -> Path:
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Convert a composed config to typed objects, or raise a one-line :class:`ConfigError`."""
-    _check_known_keys(cfg, "")
     try:
+        _check_known_keys(cfg, "")
         run = OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, AttributeError, TypeError, ValueError) as exc:
         raise ConfigError(explain(exc)) from exc
@@ -76,8 +76,13 @@ def _check_known_keys(node: DictConfig, path: str) -> None:
         if known is not None and key not in known:
             raise ConfigError(_unknown_key(name, node, str(key)))
         child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+        if isinstance(child, DictConfig) and _is_plain(child):
             _check_known_keys(child, f"{name}.")
+
+
+def _is_plain(node: DictConfig) -> bool:
+    """A node whose keys can be listed without resolving anything."""
+    return not (node._is_missing() or node._is_none() or node._is_interpolation())
 
 
 def _field_names(kind: Any) -> list[str] | None:
@@ -106,6 +111,8 @@ def _unknown_key(full_key: str, node: Any, key: str) -> str:
 
 def explain(exc: BaseException) -> str:
     """One line naming the field and the fix for an OmegaConf/Hydra/dataclass error."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
     if isinstance(exc, OmegaConfBaseException):
         return _explain_omegaconf(exc)
     if isinstance(exc, MissingConfigException):

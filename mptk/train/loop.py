@@ -87,18 +87,12 @@ def memory_mb(device: torch.device) -> float:
     return rss_mb()
 
 
-def row(w: Worker, step: int, loss: float, seconds: float) -> dict:
+def row(w: Worker, step: int, loss: float, norm: float, lr: float, seconds: float) -> dict:
     """One metrics.jsonl record (``step`` counts completed optimizer steps)."""
     units = w.cfg.train.global_batch_size * w.cfg.model.seq_length
-    return {"step": step, "steps": w.cfg.train.steps, "loss": loss,
-            "lr": w.engine.get_lr()[0], "grad_norm": _grad_norm(w.engine),
-            "tokens_per_s": units / seconds, "step_time_s": seconds,
+    return {"step": step, "steps": w.cfg.train.steps, "loss": loss, "lr": lr,
+            "grad_norm": norm, "tokens_per_s": units / seconds, "step_time_s": seconds,
             "rss_mb": memory_mb(w.device)}
-
-
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
 
 
 def should_eval(cfg: RunConfig, step: int) -> bool:
@@ -110,9 +104,9 @@ def train(w: Worker) -> None:
     """The loop: steps, a metrics line every ``log_interval``, held-out eval."""
     cfg = w.cfg
     for step in range(cfg.train.steps):
-        start = time.perf_counter()
-        loss = train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device)
-        record = row(w, step + 1, loss, time.perf_counter() - start)
+        start, lr = time.perf_counter(), w.engine.get_lr()[0]
+        loss, norm = train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device)
+        record = row(w, step + 1, loss, norm, lr, time.perf_counter() - start)
         if should_eval(cfg, step + 1):
             record["eval_loss"] = evaluate(w.engine, w.recipe, w.data, w.device)
         log_now = (step + 1) % cfg.train.log_interval == 0 or "eval_loss" in record

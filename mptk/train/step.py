@@ -21,16 +21,39 @@ def dp_mean(value: torch.Tensor) -> float:
     return value.item() / groups.dp_size()
 
 
-def train_step(engine, recipe, data, step: int, grad_acc: int, device) -> float:
-    """``grad_acc`` micro-batches, then DeepSpeed's step at the accumulation boundary."""
-    losses = []
+def grad_norm(model: torch.nn.Module) -> float:
+    """Global L2 norm of the (dp-reduced) gradients over the tp x pp group.
+
+    Tensor-parallel shards count on every tp rank; replicated parameters (norms, row-parallel
+    biases) only on tp rank 0, as DeepSpeed's own clipping counts them.
+    """
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros((), dtype=torch.float64)
+    for param in model.parameters():
+        if param.grad is not None and (getattr(param, "tensor_model_parallel", False)
+                                       or groups.tp_rank() == 0):
+            total += param.grad.detach().double().pow(2).sum().cpu()
+    dist.all_reduce(total, group=ps.get_model_parallel_group())
+    return total.sqrt().item()
+
+
+def train_step(engine, recipe, data, step: int, grad_acc: int, device) -> tuple[float, float]:
+    """``grad_acc`` micro-batches, then DeepSpeed's step at the accumulation boundary.
+
+    Returns the loss (mean over micro-batches and dp) and the gradient norm before clipping.
+    """
+    losses, norm = [], None
     for micro in range(grad_acc):
         batch = to_device(data.batch(step, micro), device)
         loss, _ = recipe.loss(engine, batch)
         engine.backward(loss)
+        if micro == grad_acc - 1 and engine.zero_optimization_stage() == 0:
+            norm = grad_norm(engine.module)  # stage 0 keeps no norm; grads are reduced here
         engine.step()
         losses.append(loss.detach().clone())
-    return dp_mean(torch.stack(losses).mean())
+    norm = norm if norm is not None else float(engine.get_global_grad_norm())
+    return dp_mean(torch.stack(losses).mean()), norm
 
 
 @torch.no_grad()

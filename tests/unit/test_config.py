@@ -131,7 +131,7 @@ def test_bad_override_is_a_one_line_config_error(overrides, parts):
 
 def test_to_run_config_refuses_an_unknown_key():
     cfg = compose_cfg([])
-    with open_dict(cfg):
+    with open_dict(cfg.optim):
         cfg.optim.lrr = 0.1
     with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key for OptimConfig.*did you mean lr"):
         to_run_config(cfg)

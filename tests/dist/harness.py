@@ -1,0 +1,46 @@
+"""Run a function on N real gloo ranks (spawned processes) and collect each rank's result."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import traceback
+from pathlib import Path
+
+from mptk.dist.env import DistEnv
+from mptk.launch.local import free_port
+
+
+def _child(fn, env: DistEnv, args: tuple, out: Path) -> None:
+    import os
+
+    from mptk.dist import groups
+
+    try:
+        result = fn(env, *args)
+        (out / f"rank{env.rank}.pkl").write_bytes(pickle.dumps(result))
+    except BaseException:
+        (out / f"rank{env.rank}.err").write_text(traceback.format_exc())
+        os._exit(1)
+    groups.finish(0)
+
+
+def run_world(fn, world: int, *args, tmp: Path, timeout: float = 600) -> list:
+    """``fn(env, *args)`` on ranks 0..world-1; returns the results in rank order."""
+    out = Path(tmp) / f"world{world}-{free_port()}"
+    out.mkdir(parents=True)
+    port, ctx = free_port(), mp.get_context("spawn")
+    procs = [ctx.Process(target=_child, args=(fn, DistEnv(
+        rank=r, local_rank=r, world_size=world, master_addr="127.0.0.1", master_port=port,
+        launcher="spawn"), args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    errors = [f.read_text() for f in sorted(out.glob("*.err"))]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not errors, "\n".join(errors)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(world)]

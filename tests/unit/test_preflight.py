@@ -1,0 +1,189 @@
+"""Preflight: every bad layout or setting is one line naming its factors and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from mptk.config import preflight as preflight_module
+from mptk.config.preflight import Layout, PreflightError, preflight
+from mptk.config.schema import (
+    Backend,
+    DataConfig,
+    DataSource,
+    Device,
+    DType,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    ZeroConfig,
+)
+from mptk.models import registry
+
+
+def make(changes: dict | None = None) -> RunConfig:
+    """A valid tp=2 x dp=2 GPT run, with ``{"group.field": value}`` changes applied."""
+    model = registry.get("gpt").config(
+        num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128, vocab_size=4096
+    )
+    cfg = RunConfig(
+        model=model,
+        parallel=ParallelConfig(tp=2, pp=1),
+        zero=ZeroConfig(stage=1),
+        optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10),
+        data=DataConfig(),
+        train=TrainConfig(steps=100, micro_batch_size=4, global_batch_size=8),
+    )
+    for dotted, value in (changes or {}).items():
+        group, field = dotted.split(".")
+        setattr(getattr(cfg, group), field, value)
+    return cfg
+
+
+# (changes, world, cuda, parts of the message)
+BAD = {
+    "tp<1": ({"parallel.tp": 0}, 4, False, ["parallel.tp(0) must be >= 1"]),
+    "pp<1": ({"parallel.pp": 0}, 4, False, ["parallel.pp(0) must be >= 1"]),
+    "world<1": ({}, 0, False, ["world(0) must be >= 1", "launcher.nproc_per_node"]),
+    "tp*pp>world": ({"parallel.pp": 2}, 2, False, ["tp(2)*pp(2)=4 exceeds world(2)", "multiple of 4"]),
+    "world%(tp*pp)": (
+        {"parallel.pp": 2}, 6, False,
+        ["parallel: tp(2)*pp(2)=4 does not divide world(6); choose tp*pp dividing the world size "
+         "or change launcher.nproc_per_node"],
+    ),
+    "heads%tp": (
+        {"parallel.tp": 4, "model.num_attention_heads": 6, "model.hidden_size": 96}, 8, False,
+        ["model.num_attention_heads(6) is not divisible by parallel.tp(4)", "choose parallel.tp dividing 6"],
+    ),
+    "groups%tp": (
+        {"model.num_query_groups": 1}, 4, False,
+        ["model.num_query_groups(1) is not divisible by parallel.tp(2)"],
+    ),
+    "heads%groups": (
+        {"parallel.tp": 1, "model.num_query_groups": 3}, 4, False,
+        ["model.num_attention_heads(4) is not divisible by model.num_query_groups(3)"],
+    ),
+    "groups<1": ({"model.num_query_groups": 0}, 4, False, ["model.num_query_groups(0) must be >= 1"]),
+    "layers%pp": (
+        {"parallel.pp": 2, "model.num_layers": 5}, 4, False,
+        ["model.num_layers(5) is not divisible by parallel.pp(2)", "choose parallel.pp dividing 5"],
+    ),
+    "hidden%heads": (
+        {"model.hidden_size": 130}, 4, False,
+        ["model.hidden_size(130) is not divisible by model.num_attention_heads(4)"],
+    ),
+    "global%(micro*dp)": (
+        {"train.global_batch_size": 10}, 4, False,
+        ["train.global_batch_size(10) != micro_batch_size(4) * grad_acc * dp(2): make it a multiple of 8"],
+    ),
+    "micro<1": ({"train.micro_batch_size": 0}, 4, False, ["train.micro_batch_size(0) must be >= 1"]),
+    "zero stage 4": ({"zero.stage": 4}, 4, False, ["zero.stage(4) must be 0, 1, 2 or 3"]),
+    "zero2+pp": (
+        {"zero.stage": 2, "parallel.pp": 2}, 4, False,
+        ["zero.stage(2) with parallel.pp(2)", "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism"],
+    ),
+    "zero3+pp": ({"zero.stage": 3, "parallel.pp": 2}, 4, False, ["zero.stage(3) with parallel.pp(2)"]),
+    "offload w/o zero3": (
+        {"zero.offload_params": True}, 4, False,
+        ["zero.offload_params needs zero.stage=3 (got 1)", "zero=zero3_offload"],
+    ),
+    "fp16 on cpu": (
+        {"train.dtype": DType.fp16}, 4, False,
+        ["fp16 is not supported on CPU; use train.dtype=bf16 or fp32"],
+    ),
+    "fp16 device=cpu": (
+        {"train.dtype": DType.fp16, "train.device": Device.cpu}, 4, True,
+        ["fp16 is not supported on CPU"],
+    ),
+    "cuda w/o cuda": ({"train.device": Device.cuda}, 4, False, ["train.device=cuda but no CUDA device"]),
+    "nccl on cpu": ({"launcher.backend": Backend.nccl}, 4, False, ["launcher.backend=nccl needs CUDA"]),
+    "seq<1": ({"model.seq_length": 0}, 4, False, ["model.seq_length(0) must be >= 1"]),
+    "vocab<2": ({"model.vocab_size": 1}, 4, False, ["model.vocab_size(1) must be >= 2"]),
+    "vocab%tp": (
+        {"model.vocab_size": 4097}, 4, False,
+        ["model.vocab_size(4097) is not divisible by parallel.tp(2)", "4098"],
+    ),
+    "steps<1": ({"train.steps": 0}, 4, False, ["train.steps(0) must be >= 1"]),
+    "lr<=0": ({"optim.lr": 0.0}, 4, False, ["optim.lr(0.0) must be > 0"]),
+    "min_lr>lr": ({"optim.min_lr": 0.1}, 4, False, ["optim.min_lr(0.1) > optim.lr(0.001); set min_lr <= lr"]),
+    "warmup>steps": (
+        {"optim.warmup_steps": 200}, 4, False, ["optim.warmup_steps(200) > train.steps(100)"],
+    ),
+    "grad_clip<0": ({"optim.grad_clip": -1.0}, 4, False, ["optim.grad_clip(-1.0) must be >= 0"]),
+    "log_interval<1": ({"train.log_interval": 0}, 4, False, ["train.log_interval(0) must be >= 1"]),
+    "heldout=0": ({"data.heldout_fraction": 0.0}, 4, False, ["data.heldout_fraction(0.0) must be in (0, 1)"]),
+    "heldout=1": ({"data.heldout_fraction": 1.0}, 4, False, ["data.heldout_fraction(1.0) must be in (0, 1)"]),
+    "files w/o paths": ({"data.source": DataSource.files}, 4, False, ["data.paths is empty"]),
+    "dropout>=1": ({"model.hidden_dropout": 1.0}, 4, False, ["model.hidden_dropout(1.0) must be in [0, 1)"]),
+    "ffn<1": ({"model.ffn_hidden_size": 0}, 4, False, ["model.ffn_hidden_size(0) must be >= 1"]),
+    "unknown recipe": (
+        {"model.recipe": "nope"}, 4, False,
+        ["model.recipe='nope' is not a registered recipe", "gpt"],
+    ),
+}
+
+
+@pytest.mark.parametrize("changes,world,cuda,parts", BAD.values(), ids=BAD.keys())
+def test_bad_config_names_its_factors_and_fix(changes, world, cuda, parts):
+    with pytest.raises(PreflightError) as info:
+        preflight(make(changes), world_size=world, cuda_available=cuda)
+    lines = str(info.value).splitlines()
+    assert lines == info.value.problems
+    for part in parts:
+        assert any(part in line for line in lines), f"{part!r} not in {lines}"
+
+
+def test_every_problem_is_reported_at_once():
+    changes = {"parallel.tp": 3, "train.steps": 0, "optim.lr": -1.0, "zero.stage": 7}
+    with pytest.raises(PreflightError) as info:
+        preflight(make(changes), world_size=4, cuda_available=False)
+    text = str(info.value)
+    for part in ["does not divide world(4)", "train.steps(0)", "optim.lr(-1.0)", "zero.stage(7)"]:
+        assert part in text
+    assert len(info.value.problems) >= 4
+
+
+@pytest.mark.parametrize(
+    "changes,world,expected",
+    [
+        ({}, 4, Layout(tp=2, pp=1, dp=2, grad_acc=1, world=4)),
+        ({"parallel.pp": 2, "train.global_batch_size": 16, "train.micro_batch_size": 2}, 8,
+         Layout(tp=2, pp=2, dp=2, grad_acc=4, world=8)),
+        ({"parallel.tp": 1}, 1, Layout(tp=1, pp=1, dp=1, grad_acc=2, world=1)),
+        ({"parallel.tp": 4, "zero.stage": 3, "zero.offload_params": True}, 8,
+         Layout(tp=4, pp=1, dp=2, grad_acc=1, world=8)),
+    ],
+)
+def test_good_config_returns_its_layout(changes, world, expected):
+    assert preflight(make(changes), world_size=world, cuda_available=False) == expected
+
+
+def test_fp16_and_cuda_pass_with_a_gpu():
+    layout = preflight(make({"train.dtype": DType.fp16, "train.device": Device.cuda}), 4, True)
+    assert layout.dp == 2
+
+
+def test_layout_is_frozen():
+    layout = Layout(tp=1, pp=1, dp=1, grad_acc=1, world=1)
+    with pytest.raises(AttributeError):
+        layout.dp = 2
+
+
+def test_recipe_checks_are_included(monkeypatch):
+    recipe = registry.Recipe(
+        name="stub", config=type(make().model), build=None, loss=None, data=None,
+        checks=lambda cfg: [f"model.stub: bad ({cfg.parallel.tp})"],
+    )
+    monkeypatch.setattr(preflight_module.registry, "get", lambda name: recipe)
+    with pytest.raises(PreflightError, match=r"model\.stub: bad \(2\)"):
+        preflight(make(), world_size=4, cuda_available=False)
+
+
+def test_a_crashing_recipe_check_is_one_line(monkeypatch):
+    recipe = registry.Recipe(
+        name="stub", config=type(make().model), build=None, loss=None, data=None,
+        checks=lambda cfg: [1 // 0],
+    )
+    monkeypatch.setattr(preflight_module.registry, "get", lambda name: recipe)
+    with pytest.raises(PreflightError, match="model.recipe=stub: its checks failed"):
+        preflight(make(), world_size=4, cuda_available=False)

@@ -10,11 +10,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mptk.config.load import ConfigError, conf_dir, to_run_config
+from mptk.config.load import ConfigError, compose, conf_dir, to_run_config
 from mptk.config.preflight import PreflightError, preflight
 from mptk.config.schema import RunConfig
 from mptk.config.store import register_schemas
 from mptk.dist.env import detect
+from mptk.log.noise import quiet
 
 
 def checked(dcfg: DictConfig) -> tuple[RunConfig, int]:
@@ -45,8 +46,22 @@ def train(dcfg: DictConfig) -> None:
         sys.exit(code)
 
 
+def precheck(argv: list[str]) -> None:
+    """Compose plain override lists once up front, so a typo or a wrong type is one clear
+    line (Hydra's own handling covers flags such as ``-m``, ``--cfg`` and ``--help``)."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        compose(argv)
+    except ConfigError as err:
+        print(f"mptk: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main() -> None:
+    quiet()
     register_schemas()
+    precheck(sys.argv[1:])
     hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(train)()
 
 

@@ -20,6 +20,7 @@ What is redirected:
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,7 @@ def activate() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("mptk.compat.cpu.activate() is for machines without a GPU")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: no probing, no warning
     torch.cuda.current_device = _cpu_device
     torch.cuda.synchronize = lambda *args, **kwargs: None
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()

@@ -29,7 +29,8 @@ def format_line(row: dict) -> str:
     """``step 10/300 | loss 5.1234 | lr 1.0e-03 | ...`` from a metrics row."""
     parts = [f"step {row['step']}/{row['steps']}"]
     fmt = {"loss": "{:.4f}", "eval_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
-           "tokens_per_s": "{:,.0f}", "step_time_s": "{:.3f}", "rss_mb": "{:,.0f}"}
+           "eval_top1": "{:.3f}", "tokens_per_s": "{:,.0f}", "images_per_s": "{:,.1f}",
+           "step_time_s": "{:.3f}", "rss_mb": "{:,.0f}"}
     for key, pattern in fmt.items():
         if row.get(key) is not None:
             parts.append(f"{key} {pattern.format(row[key])}")

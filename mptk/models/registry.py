@@ -39,7 +39,11 @@ class Recipe:
     checks: Callable[..., list[str]] = lambda run_cfg: []
     """Extra preflight checks: ``checks(run_cfg) -> list of error lines``."""
     units: str = "tokens"
-    """What throughput counts (tokens, images)."""
+    """What throughput counts (``tokens`` -> ``tokens_per_s``, ``images`` -> ``images_per_s``)."""
+    units_per_sample: Callable[..., int] = lambda model_cfg: model_cfg.seq_length
+    """Throughput units in one sample (tokens: seq_length; images: 1)."""
+    eval_summary: Callable[[dict], dict] = lambda sums: {}
+    """Extra eval metrics from the dp-summed ``loss`` metrics, e.g. ``{"eval_top1": c / n}``."""
 
 
 _RECIPES: dict[str, Recipe] = {}

@@ -14,6 +14,7 @@ from mptk.config.schema import RunConfig
 from mptk.dist import groups
 from mptk.dist.env import DistEnv
 from mptk.log.metrics import Metrics
+from mptk.log.noise import quiet
 from mptk.models import registry
 from mptk.train.step import evaluate, train_step
 
@@ -89,10 +90,10 @@ def memory_mb(device: torch.device) -> float:
 
 def row(w: Worker, step: int, loss: float, norm: float, lr: float, seconds: float) -> dict:
     """One metrics.jsonl record (``step`` counts completed optimizer steps)."""
-    units = w.cfg.train.global_batch_size * w.cfg.model.seq_length
+    units = w.cfg.train.global_batch_size * w.recipe.units_per_sample(w.cfg.model)
     return {"step": step, "steps": w.cfg.train.steps, "loss": loss, "lr": lr,
-            "grad_norm": norm, "tokens_per_s": units / seconds, "step_time_s": seconds,
-            "rss_mb": memory_mb(w.device)}
+            "grad_norm": norm, f"{w.recipe.units}_per_s": units / seconds,
+            "step_time_s": seconds, "rss_mb": memory_mb(w.device)}
 
 
 def should_eval(cfg: RunConfig, step: int) -> bool:
@@ -108,13 +109,14 @@ def train(w: Worker) -> None:
         loss, norm = train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device)
         record = row(w, step + 1, loss, norm, lr, time.perf_counter() - start)
         if should_eval(cfg, step + 1):
-            record["eval_loss"] = evaluate(w.engine, w.recipe, w.data, w.device)
+            record.update(evaluate(w.engine, w.recipe, w.data, w.device))
         log_now = (step + 1) % cfg.train.log_interval == 0 or "eval_loss" in record
         w.metrics.log(record, console=log_now)
 
 
 def run(cfg: RunConfig, env: DistEnv) -> None:
     """Entry of every worker; ends the process (see :func:`groups.finish`)."""
+    quiet()
     code = 1
     try:
         worker = setup(cfg, env)

@@ -56,10 +56,24 @@ def train_step(engine, recipe, data, step: int, grad_acc: int, device) -> tuple[
     return dp_mean(torch.stack(losses).mean()), norm
 
 
+def dp_sums(sums: dict) -> dict:
+    """Per-key sums over the data-parallel group."""
+    keys = sorted(sums)
+    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values, group=groups.dp_group())
+    return dict(zip(keys, values.tolist()))
+
+
 @torch.no_grad()
-def evaluate(engine, recipe, data, device) -> float:
-    """Mean loss over the held-out micro-batches of every dp rank."""
+def evaluate(engine, recipe, data, device) -> dict:
+    """Held-out metrics over every dp rank: ``eval_loss`` plus the recipe's summary."""
     engine.eval()
-    losses = [recipe.loss(engine, to_device(b, device))[0] for b in data.eval_batches()]
+    losses, sums = [], {}
+    for batch in data.eval_batches():
+        loss, metrics = recipe.loss(engine, to_device(batch, device))
+        losses.append(loss.detach().clone())
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
     engine.train()
-    return dp_mean(torch.stack(losses).mean())
+    return {"eval_loss": dp_mean(torch.stack(losses).mean()),
+            **recipe.eval_summary(dp_sums(sums))}

@@ -75,6 +75,10 @@ class DataSource(Enum):
     """The ``.py`` files of Python's own standard library: real text on every machine."""
     files = "files"
     """Plain-text files matched by ``data.paths`` (globs)."""
+    digits = "digits"
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download)."""
+    image_folder = "image_folder"
+    """Images under ``data.image_root``, one sub-folder per class (read with PIL)."""
 
 
 class WandbMode(Enum):
@@ -184,7 +188,9 @@ class DataConfig:
     max_chars: int = 8_000_000
     """Upper bound on characters of text read (keeps the first tokenization short)."""
     heldout_fraction: float = 0.02
-    """Fraction of documents held out for evaluation."""
+    """Fraction of documents (or images) held out for evaluation."""
+    image_root: str = ""
+    """Folder of class sub-folders when ``source=image_folder``."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -38,6 +38,13 @@ def say(text: str) -> None:
         print(f"mptk: {text}", flush=True)
 
 
+def agree_run_dir(run_dir: str) -> str:
+    """Rank 0's run dir for everyone (under torchrun each rank's Hydra picks its own time)."""
+    box = [run_dir]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rank_zero_first(fn):
     """Run ``fn`` on rank 0 first (it fills caches), then on the others."""
     if groups.rank() == 0:
@@ -63,6 +70,7 @@ def setup(cfg: RunConfig, env: DistEnv) -> Worker:
     device = groups.resolve_device(cfg.train.device)
     backend = groups.resolve_backend(cfg.launcher.backend, device)
     groups.init(env, layout.tp, layout.pp, device, backend, cfg.train.seed)
+    cfg.run_dir = agree_run_dir(cfg.run_dir)
     say(f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp} grad_acc={layout.grad_acc} "
         f"world={layout.world} on {device.type} ({backend}); run dir {cfg.run_dir}")
     recipe = registry.get(cfg.model.recipe)

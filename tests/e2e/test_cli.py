@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import BIN, metrics, mptk, tiny
+from e2e_util import BIN, metrics, mptk, tiny
 
 pytestmark = pytest.mark.e2e
 

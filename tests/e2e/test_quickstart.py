@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import metrics, mptk
+from e2e_util import metrics, mptk
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,211 @@
+"""A rank's view of megatron-core indexed datasets (``data.source=indexed``).
+
+:class:`IndexedData` has the two methods the loop calls, like ``TokenData``:
+``batch(step, micro)`` and ``eval_batches()``. Training samples come from the train split of
+``data.blend`` (see :mod:`mptk.data.blend`), built by megatron's
+``BlendedMegatronDatasetBuilder`` with ``train.steps * train.global_batch_size`` samples.
+
+Exact resume: the position in the data derives from the step alone. Global sample ``g`` of
+micro-batch ``micro`` on dp rank ``r`` at step ``s`` is::
+
+    g = s * global_batch + micro * mbs * dp + r * mbs + row        (row < mbs)
+
+so after ``k`` steps the run has consumed samples ``[0, k * global_batch)`` (consumed
+samples = step * global_batch), a resumed run at step ``k`` reads exactly what an
+uninterrupted one would, tp/pp peers (same dp rank) read the same samples, and the union of
+one step over dp does not depend on dp. megatron's shuffle depends on the seed, the
+sequence length, the split and the sample counts: changing ``train.steps`` within the first
+epoch keeps the order; changing the others gives a new one.
+
+An empty ``data.blend`` means the stdlib corpus, tokenized once (documents in a fixed
+shuffled order, so megatron's document-range split is a random one) into
+``<cache_dir>/indexed-stdlib-*`` as ``stdlib.bin/.idx``, beside its tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from mptk.config.schema import RunConfig
+from mptk.data import blend as blends
+from mptk.data import corpus, preprocess, tokenizer
+
+STDLIB_VERSION = 1
+"""Bump when the stdlib .bin/.idx layout changes: old caches are then ignored."""
+
+STDLIB_SHUFFLE_SEED = 0
+"""Fixed document order of the stdlib dataset (part of its identity, not of the run's seed)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------
+
+
+def global_samples(step: int, micro: int, micro_batch_size: int, grad_acc: int,
+                   dp_rank: int, dp_size: int) -> list[int]:
+    """Global sample indices of one micro-batch on one dp rank (see the module doc)."""
+    if not 0 <= dp_rank < dp_size or not 0 <= micro < grad_acc:
+        raise ValueError(f"bad dp_rank {dp_rank}/{dp_size} or micro {micro}/{grad_acc}")
+    global_batch = micro_batch_size * grad_acc * dp_size
+    base = step * global_batch + micro * micro_batch_size * dp_size + dp_rank * micro_batch_size
+    return [base + row for row in range(micro_batch_size)]
+
+
+def collate(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    """``tokens`` / ``labels`` LongTensors [len(indices), seq] (indices wrap the dataset)."""
+    rows = [dataset[int(i) % len(dataset)] for i in indices]
+    return {key: torch.stack([r[key] for r in rows]).long() for key in ("tokens", "labels")}
+
+
+def fixed_batches(dataset, micro_batch_size: int, n: int, dp_rank: int,
+                  dp_size: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` micro-batches in fixed order, sharded over dp (like ``tokens.eval_batches``)."""
+    out = []
+    for j in range(n):
+        base = j * micro_batch_size * dp_size + dp_rank * micro_batch_size
+        out.append(collate(dataset, [base + row for row in range(micro_batch_size)]))
+    return out
+
+
+@dataclass(slots=True)
+class IndexedData:
+    """Batches from megatron ``GPTDataset`` splits for one dp rank (same on its tp/pp peers)."""
+
+    train: Any
+    valid: Any
+    test: Optional[Any]
+    micro_batch_size: int
+    grad_acc: int
+    dp_rank: int
+    dp_size: int
+    eval_batches_n: int
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, layout, vocab_size: int, log=print,
+                dp_rank: Optional[int] = None) -> "IndexedData":
+        """Build (once, cached) the splits; bind to this rank's dp place."""
+        if dp_rank is None:
+            from mptk.dist import groups
+
+            dp_rank = groups.dp_rank()
+        train, valid, test = datasets(cfg, layout.dp, vocab_size, log)
+        return cls(train=train, valid=valid, test=test,
+                   micro_batch_size=cfg.train.micro_batch_size, grad_acc=layout.grad_acc,
+                   dp_rank=dp_rank, dp_size=layout.dp, eval_batches_n=cfg.train.eval_batches)
+
+    def samples(self, step: int, micro: int) -> list[int]:
+        """Global sample indices of ``batch(step, micro)``."""
+        return global_samples(step, micro, self.micro_batch_size, self.grad_acc,
+                              self.dp_rank, self.dp_size)
+
+    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        return collate(self.train, self.samples(step, micro))
+
+    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        return fixed_batches(self.valid, self.micro_batch_size, self.eval_batches_n,
+                             self.dp_rank, self.dp_size)
+
+    def test_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Like :meth:`eval_batches` on the test split (needs a test share in data.split)."""
+        if self.test is None:
+            raise ValueError("data.split has no test share (e.g. use '969,30,1')")
+        return fixed_batches(self.test, self.micro_batch_size, self.eval_batches_n,
+                             self.dp_rank, self.dp_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Building the splits
+# ---------------------------------------------------------------------------------------
+
+
+def sample_counts(cfg: RunConfig, dp: int) -> list[int]:
+    """Samples per split: the whole run's training, one evaluation's valid and test."""
+    evals = cfg.train.eval_batches * cfg.train.micro_batch_size * dp
+    return [cfg.train.steps * cfg.train.global_batch_size, evals, evals]
+
+
+def resolve_blend(cfg: RunConfig, vocab_size: int, log=print) -> blends.Blend:
+    """``data.blend``, or the stdlib default (built on first use)."""
+    if cfg.data.blend:
+        blend = blends.parse(cfg.data.blend)
+        missing = blends.missing_files(blend)
+        if missing:
+            raise FileNotFoundError(f"data.blend names missing files: {missing[:4]}")
+        return blend
+    return blends.Blend((stdlib_prefix(cfg, vocab_size, log),))
+
+
+def index_cache(cfg: RunConfig) -> str:
+    """Where megatron's index caches go."""
+    return str(Path(os.path.expanduser(cfg.data.cache_dir)).resolve() / "megatron-indices")
+
+
+def datasets(cfg: RunConfig, dp: int, vocab_size: int, log=print) -> list:
+    """Train / valid / test datasets of the configured blend (valid is required)."""
+    blend = resolve_blend(cfg, vocab_size, log)
+    meta = blends.check_meta(blend, vocab_size)
+    blends.check_documents(blend, cfg.data.split)
+    tok = blends.TokenizerInfo(vocab_size=vocab_size, eod=meta["eod_id"] if meta else 0)
+    config = blends.gpt_config(blend, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
+                               index_cache(cfg), tok)
+    train, valid, test = blends.build(config, sample_counts(cfg, dp), log=log)
+    if train is None or valid is None:
+        raise ValueError(f"data.split={cfg.data.split!r} needs train and valid shares")
+    return [train, valid, test]
+
+
+# ---------------------------------------------------------------------------------------
+# The stdlib default, as an indexed dataset
+# ---------------------------------------------------------------------------------------
+
+
+def stdlib_key(cfg: RunConfig, files: list[Path], vocab_size: int) -> str:
+    """Folder name: readable prefix plus a hash of everything that shapes the tokens."""
+    parts = {"version": STDLIB_VERSION, "files": [[str(p), p.stat().st_size] for p in files],
+             "max_chars": int(cfg.data.max_chars), "vocab_size": int(vocab_size),
+             "split": blends.split_vector(cfg.data.split)}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return f"indexed-stdlib-v{vocab_size}-{digest[:16]}"
+
+
+def stdlib_prefix(cfg: RunConfig, vocab_size: int, log=print) -> str:
+    """The stdlib corpus as ``stdlib.bin/.idx`` in the cache dir (built on first use)."""
+    files = corpus.stdlib_files()
+    root = Path(os.path.expanduser(cfg.data.cache_dir)).resolve()
+    folder = root / stdlib_key(cfg, files, vocab_size)
+    if preprocess.read_meta(folder / "stdlib") is None:
+        with blends.file_lock(root):
+            if preprocess.read_meta(folder / "stdlib") is None:
+                log(f"preprocessing {len(files)} stdlib files (first {int(cfg.data.max_chars):,} "
+                    f"chars) into {folder}/stdlib.bin/.idx (once; later runs reuse it)")
+                _build_stdlib(folder, cfg, files, vocab_size, log)
+    return str(folder / "stdlib")
+
+
+def _build_stdlib(folder: Path, cfg: RunConfig, files: list[Path], vocab_size: int,
+                  log) -> None:
+    """Tokenizer from the train share, then every document, in a temporary folder."""
+    texts = corpus.read_documents(files, int(cfg.data.max_chars))
+    order = np.random.default_rng(STDLIB_SHUFFLE_SEED).permutation(len(texts))
+    texts = [texts[i] for i in order]
+    n_train = blends.split_ranges(len(texts), cfg.data.split)[0][1]
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        tok = tokenizer.train_bpe(texts[:n_train], vocab_size, tmp / "tokenizer.json")
+        docs = [(t, len(t.encode("utf-8"))) for t in texts]
+        summary = preprocess.preprocess(docs, tok, tmp / "stdlib", sources=["stdlib"])
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(summary.line().replace(str(tmp), str(folder)))

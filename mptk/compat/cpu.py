@@ -60,6 +60,9 @@ PATCHES: tuple[Patch, ...] = (
           "pipeline receive buffers are allocated on the current CUDA device"),
     Patch("megatron.core.pipeline_parallel.p2p_communication", "torch.cuda.synchronize()",
           "batched p2p synchronizes the CUDA stream"),
+    Patch("megatron.core.models.common.language_module.language_module",
+          "weight.data = weight.data.cuda()",
+          "tied embeddings at pp>1 move the last stage's copy to CUDA before the all-reduce"),
 )
 
 

@@ -7,10 +7,12 @@ the factors involved and the fix.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from mptk.config.schema import (
     Backend,
+    ClusterConfig,
     DataConfig,
     DataSource,
     Device,
@@ -22,7 +24,7 @@ from mptk.config.schema import (
     TrainConfig,
     ZeroConfig,
 )
-from mptk.models import registry
+from mptk.models import partition, registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,10 @@ class Layout:
     dp: int
     grad_acc: int
     world: int
+    vpp: int = 1
+    """Model chunks per pp rank (interleaved schedule when > 1)."""
+    stage_layers: tuple = ()
+    """Transformer layers per virtual stage (pp > 1)."""
 
 
 class PreflightError(ValueError):
@@ -57,11 +63,51 @@ def preflight(cfg: RunConfig, world_size: int, cuda_available: bool) -> Layout:
         *_optim(cfg.optim, cfg.train),
         *_data(cfg.data),
         *_recipe(cfg),
+        *slurm_world(cfg.cluster, world_size),
     ]
+    stages, stage_problems = _stages(cfg)
+    problems += stage_problems + _pipeline(cfg, dp)
     if problems:
         raise PreflightError(problems)
     grad_acc = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
-    return Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, grad_acc=grad_acc, world=world_size)
+    return Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, grad_acc=grad_acc,
+                  world=world_size, vpp=cfg.parallel.vpp or 1, stage_layers=tuple(stages))
+
+
+def _stages(cfg: RunConfig) -> tuple[list[int], list[str]]:
+    """Layers per virtual stage, or the partition's one-line problem."""
+    p = cfg.parallel
+    if p.pp < 2 or (p.vpp or 1) < 1 or cfg.model.num_layers < 1:
+        return [], []
+    try:
+        return partition.stage_layers(cfg.model, p.pp, p.vpp, p.layers_per_stage), []
+    except partition.PartitionError as err:
+        return [], [str(err)]
+
+
+def _pipeline(cfg: RunConfig, dp: int | None) -> list[str]:
+    """pp/vpp rules: a recipe with a pipeline forward; interleaving needs m % pp == 0."""
+    p, t = cfg.parallel, cfg.train
+    problems = _at_least("parallel.vpp", p.vpp or 1, 1, "use null or a positive chunk count")
+    if (p.vpp or 1) > 1 and p.pp < 2:
+        problems.append(f"parallel.vpp({p.vpp}) needs parallel.pp >= 2; drop vpp or raise pp")
+    if p.pp > 1 and not _has_pipeline_forward(cfg.model.recipe):
+        problems.append(f"model.recipe={cfg.model.recipe!r} has no pipeline forward; use "
+                        f"parallel.pp=1 or add forward= to the recipe")
+    if (p.vpp or 1) > 1 and p.pp > 1 and dp and t.micro_batch_size > 0:
+        m = t.global_batch_size // max(1, t.micro_batch_size * dp)
+        if m % p.pp:
+            problems.append(f"interleaved schedule: micro-batches({m}) = global_batch_size("
+                            f"{t.global_batch_size})/(micro_batch_size({t.micro_batch_size})*dp("
+                            f"{dp})) must be a multiple of pp({p.pp}); change the batch sizes")
+    return problems
+
+
+def _has_pipeline_forward(name: str) -> bool:
+    try:
+        return registry.get(name).forward is not None
+    except KeyError:
+        return True  # the unknown recipe has its own line
 
 
 def _dp(p: ParallelConfig, world: int) -> int | None:
@@ -168,10 +214,12 @@ def _query_groups(heads: int, groups: int, tp: int) -> list[str]:
 
 
 def _layers(m: ModelConfig, p: ParallelConfig) -> list[str]:
-    return _divisible(
-        "model.num_layers", m.num_layers, "parallel.pp", p.pp,
-        f"choose parallel.pp dividing {m.num_layers} or change the layer count",
-    )
+    """Layers need not divide by pp (stages may be uneven), but every stage needs one."""
+    stages = p.pp * (p.vpp or 1)
+    if p.pp < 1 or m.num_layers < 1 or m.num_layers >= stages:
+        return []
+    return [f"model.num_layers({m.num_layers}) < pp({p.pp})*vpp({p.vpp or 1})={stages}: every "
+            f"pipeline stage needs a layer; lower parallel.pp/vpp or add layers"]
 
 
 def _vocab(m: ModelConfig, p: ParallelConfig) -> list[str]:
@@ -278,3 +326,18 @@ def _recipe(cfg: RunConfig) -> list[str]:
         return list(recipe.checks(cfg))
     except Exception as exc:  # a recipe check tripping over an invalid field reported above
         return [f"model.recipe={recipe.name}: its checks failed ({type(exc).__name__}: {exc}); fix the lines above"]
+
+
+def slurm_world(c: ClusterConfig, world: int, under_slurm: bool | None = None) -> list[str]:
+    """Under srun the world Slurm started must be the one ``cluster`` asked for; ``under_slurm``
+    defaults to "this process is a Slurm step task" (SLURM_PROCID and a numeric SLURM_STEP_ID)."""
+    if under_slurm is None:
+        under_slurm = "SLURM_PROCID" in os.environ and os.environ.get("SLURM_STEP_ID", "").isdigit()
+    expected = c.nodes * c.tasks_per_node
+    if not under_slurm or world == expected:
+        return []
+    return [
+        f"cluster: world({world}) != cluster.nodes({c.nodes}) * cluster.tasks_per_node({c.tasks_per_node})"
+        f"={expected} under Slurm; submit with mptk-submit (it asks Slurm for exactly that) or set "
+        "cluster.nodes and cluster.tasks_per_node to the allocation (sbatch --nodes/--ntasks-per-node)"
+    ]

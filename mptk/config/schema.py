@@ -75,6 +75,8 @@ class DataSource(Enum):
     """The ``.py`` files of Python's own standard library: real text on every machine."""
     files = "files"
     """Plain-text files matched by ``data.paths`` (globs)."""
+    indexed = "indexed"
+    """megatron-core indexed datasets (``.bin``/``.idx``) blended by ``data.blend``."""
     digits = "digits"
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download)."""
     image_folder = "image_folder"
@@ -127,6 +129,13 @@ class ParallelConfig:
     """Tensor-parallel degree (megatron-core ``tensor_model_parallel_size``)."""
     pp: int = 1
     """Pipeline-parallel degree (megatron-core ``pipeline_model_parallel_size``)."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages (model chunks) per pp rank: the interleaved 1F1B schedule.
+    ``None`` or 1 means plain 1F1B."""
+    layers_per_stage: Any = "auto"
+    """Transformer layers per pipeline stage: ``auto`` (balanced by a cost model that charges the
+    embedding to the first stage and the output layer + loss to the last), or a list of
+    pp * vpp counts in virtual-stage order (chunk 0 of every rank, then chunk 1, ...)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -191,6 +200,12 @@ class DataConfig:
     """Fraction of documents (or images) held out for evaluation."""
     image_root: str = ""
     """Folder of class sub-folders when ``source=image_folder``."""
+    blend: list[Any] = field(default_factory=list)
+    """``source=indexed``: ``[weight, prefix, ...]``, ``[prefix, ...]`` or
+    ``[{path: prefix, weight: w}, ...]``; empty = the stdlib corpus as .bin/.idx in cache_dir."""
+    split: list[float] = field(default_factory=lambda: [98.0, 2.0, 0.0])
+    """``source=indexed``: train, valid, test shares of each prefix's documents
+    (``[969,30,1]`` adds a test split; each share must get at least one document)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -253,6 +268,72 @@ class LauncherConfig:
     """Rendezvous port for local spawn (0 = pick a free one)."""
 
 
+class Fabric(Enum):
+    """The network between nodes; picks which NCCL/UCX variables a cluster profile sets."""
+
+    infiniband = "infiniband"
+    """Native InfiniBand (verbs, GID 0)."""
+    roce = "roce"
+    """RDMA over Converged Ethernet (verbs over Ethernet; needs a RoCEv2 GID index)."""
+    ethernet = "ethernet"
+    """TCP sockets only (no RDMA)."""
+    local = "local"
+    """One machine: loopback, CPU tasks on gloo."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterConfig:
+    """A Slurm cluster profile: the allocation ``mptk-submit`` asks for and the fabric variables
+    every task gets. Rendered into an sbatch script by :mod:`mptk.launch.slurm`."""
+
+    fabric: Fabric = Fabric.local
+    """Inter-node network; documents which ``env`` the profile sets."""
+    nodes: int = 1
+    """Nodes (``--nodes``)."""
+    tasks_per_node: int = 1
+    """Tasks per node (``--ntasks-per-node``): one training process per GPU, started by srun."""
+    gpus_per_node: int = 0
+    """GPUs per node (``--gpus-per-node``); 0 = CPU tasks; else must equal ``tasks_per_node``."""
+    cpus_per_task: int = 1
+    """CPU cores per task (``--cpus-per-task``): data loading and host-side work."""
+    mem: Optional[str] = None
+    """Memory per node (``--mem``, e.g. ``0`` = all of it); ``None`` = the partition's default."""
+    partition: Optional[str] = None
+    """Slurm partition (``--partition``); ``None`` = the cluster's default."""
+    account: Optional[str] = None
+    """Account charged (``--account``); ``None`` = the user's default."""
+    qos: Optional[str] = None
+    """Quality of service (``--qos``); ``None`` = the default."""
+    time: str = "01:00:00"
+    """Wall-clock limit (``--time``, ``[D-]HH:MM:SS``)."""
+    exclusive: bool = False
+    """Whole nodes only (``--exclusive``): no other job shares the NICs and GPUs."""
+    job_name: str = "mptk"
+    """Job name (``--job-name``)."""
+    container_image: Optional[str] = None
+    """pyxis/enroot image for ``srun --container-image``; ``None`` = run on the host."""
+    container_mounts: list[str] = field(default_factory=list)
+    """``src:dst`` mounts for ``srun --container-mounts`` (the submit dir is always mounted)."""
+    signal_grace_s: int = 120
+    """Seconds before the time limit when Slurm sends SIGUSR1 (``--signal=USR1@N``) so the
+    training can save and exit with the requeue code."""
+    requeue_max: int = 3
+    """Times the job may be requeued (after a save on SIGUSR1 or a preemption); 0 = never."""
+    exit_wait_s: int = 60
+    """``srun --wait``: once one task has exited, end the others after this many seconds
+    (a dead rank otherwise leaves the rest blocked in a collective)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Fabric variables exported to every task (NCCL_*, UCX_*, GLOO_*, OMP_NUM_THREADS)."""
+    debug: bool = False
+    """Also export ``debug_env``: the switches for diagnosing hangs."""
+    debug_env: dict[str, str] = field(default_factory=dict)
+    """Hang-diagnosis variables (NCCL_DEBUG=INFO, TORCH_NCCL_* flight recorder), off by default."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the batch script before srun (``module load ...``, ``source venv``)."""
+    sbatch_extra: list[str] = field(default_factory=list)
+    """Further sbatch options, one per ``#SBATCH`` line (e.g. ``--constraint=h100``)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     """One training run: every group, composed by Hydra and converted once at the CLI."""
@@ -265,5 +346,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Slurm profile: allocation and fabric variables (used by ``mptk-submit`` and preflight)."""
     run_dir: str = "."
     """Where this run writes; set by the CLI from Hydra's run dir."""

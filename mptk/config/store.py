@@ -15,6 +15,7 @@ GROUPS: dict[str, type] = {
     "train": schema.TrainConfig,
     "log": schema.LogConfig,
     "launcher": schema.LauncherConfig,
+    "cluster": schema.ClusterConfig,
 }
 """Config group -> schema; each is stored as ``<group>/base_<group>``."""
 

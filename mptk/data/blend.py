@@ -7,7 +7,8 @@
     [/data/web, /data/code]               # no weights: in proportion to their sizes
     [/data/web]                           # one dataset
 
-``data.split`` ("969,30,1") cuts every prefix's documents into train / valid / test ranges.
+``data.split`` ([98, 2, 0]; [969, 30, 1] adds a test split) cuts every prefix's documents
+into train / valid / test document ranges, as megatron does.
 
 Index caches (document, sample, shuffle and blending indices) go under
 ``<data.cache_dir>/megatron-indices``. They are built by :func:`build` under a file lock in
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch.distributed as dist
 
 from mptk.data import preprocess
@@ -107,20 +109,27 @@ def parse(items: list) -> Blend:
     return blend
 
 
-def split_vector(split: str) -> list[float]:
-    """``"969,30,1"`` -> normalized train/valid/test fractions."""
+def split_text(split: Any) -> str:
+    """megatron's split string from ``[98, 2, 0]`` (or such a string)."""
+    if isinstance(split, str):
+        return split
+    return ",".join(np.format_float_positional(float(x), trim="-") for x in split)
+
+
+def split_vector(split: Any) -> list[float]:
+    """``[969, 30, 1]`` (or ``"969,30,1"``) -> normalized train/valid/test fractions."""
     try:
-        parts = [float(p) for p in str(split).split(",")]
-    except ValueError:
+        parts = [float(p) for p in split_text(split).split(",")]
+    except (TypeError, ValueError):
         parts = []
     if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"data.split({split!r}) must be up to 3 non-negative numbers, "
-                         f"e.g. '969,30,1' (train,valid,test)")
+        raise ValueError(f"data.split({split!r}) must be up to 3 non-negative shares, "
+                         f"e.g. [969,30,1] (train, valid, test)")
     parts += [0.0] * (3 - len(parts))
     return [p / sum(parts) for p in parts]
 
 
-def split_ranges(num_docs: int, split: str) -> list[Optional[tuple[int, int]]]:
+def split_ranges(num_docs: int, split: Any) -> list[Optional[tuple[int, int]]]:
     """Document ranges of each split, as megatron cuts them (None: the split is empty)."""
     vector, bounds, out = split_vector(split), [0.0], []
     for fraction in vector:
@@ -143,14 +152,14 @@ def missing_files(blend: Blend) -> list[str]:
     return [p + s for p in blend.prefixes for s in (".bin", ".idx") if not os.path.isfile(p + s)]
 
 
-def check_documents(blend: Blend, split: str) -> None:
+def check_documents(blend: Blend, split: Any) -> None:
     """Every prefix gives each non-empty split at least one document."""
     for prefix in blend.prefixes:
         n = document_count(prefix)
         for name, rng in zip(SPLIT_NAMES, split_ranges(n, split)):
             if rng is not None and rng[1] <= rng[0]:
-                raise ValueError(f"{prefix}: {n} documents leave none for the {name} split "
-                                 f"of data.split={split!r}; add documents or change the split")
+                raise ValueError(f"{prefix}: {n} documents leave none for the {name} split of "
+                                 f"data.split=[{split_text(split)}]; add documents or change it")
 
 
 def check_meta(blend: Blend, vocab_size: int) -> Optional[dict]:
@@ -166,7 +175,7 @@ def check_meta(blend: Blend, vocab_size: int) -> Optional[dict]:
     return metas[0] if metas else None
 
 
-def problems(items: list, split: str) -> list[str]:
+def problems(items: list, split: Any) -> list[str]:
     """Preflight lines for ``data.blend`` / ``data.split`` (an empty blend is the default)."""
     out = []
     try:
@@ -204,14 +213,14 @@ class TokenizerInfo:
         return {"class": "mptk", "vocab_size": self.vocab_size, "eod": self.eod}
 
 
-def gpt_config(blend: Blend, split: str, seq_length: int, seed: int, cache: str,
+def gpt_config(blend: Blend, split: Any, seq_length: int, seed: int, cache: str,
                tok: TokenizerInfo):
     """megatron's ``GPTDatasetConfig``: no masks built (the recipe makes its own)."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     return GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=blend.megatron(),
-        split=str(split), path_to_cache=cache, tokenizer=tok, reset_position_ids=False,
+        split=split_text(split), path_to_cache=cache, tokenizer=tok, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
         mid_level_dataset_surplus=0.005)
 

@@ -119,7 +119,7 @@ class IndexedData:
     def test_batches(self) -> list[dict[str, torch.Tensor]]:
         """Like :meth:`eval_batches` on the test split (needs a test share in data.split)."""
         if self.test is None:
-            raise ValueError("data.split has no test share (e.g. use '969,30,1')")
+            raise ValueError("data.split has no test share (e.g. use data.split=[969,30,1])")
         return fixed_batches(self.test, self.micro_batch_size, self.eval_batches_n,
                              self.dp_rank, self.dp_size)
 
@@ -161,7 +161,7 @@ def datasets(cfg: RunConfig, dp: int, vocab_size: int, log=print) -> list:
                                index_cache(cfg), tok)
     train, valid, test = blends.build(config, sample_counts(cfg, dp), log=log)
     if train is None or valid is None:
-        raise ValueError(f"data.split={cfg.data.split!r} needs train and valid shares")
+        raise ValueError(f"data.split={list(cfg.data.split)} needs train and valid shares")
     return [train, valid, test]
 
 

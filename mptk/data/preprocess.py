@@ -33,7 +33,7 @@ EOD_CANDIDATES = (bpe.EOD, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 
 META_SUFFIX = ".meta.json"
 
-CHUNK_DOCS, CHUNK_BYTES = 256, 1 << 20
+CHUNK_DOCS, CHUNK_BYTES = 256, 1 << 18
 """A worker task holds at most this many documents or bytes of text."""
 
 
@@ -141,30 +141,37 @@ def chunks(docs: Iterable[tuple[str, int]]) -> Iterator[tuple[list[str], int]]:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, threads: bool) -> None:
+def _init_worker(tokenizer_json: str, eod: int, dtype: str, threads: bool) -> None:
     """Worker start: one tokenizer per process (Rust threads off when processes are many)."""
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = Tokenizer.from_str(tokenizer_json)
     tok.encode_special_tokens = True
-    _WORKER["tok"] = tok
+    _WORKER.update(tok=tok, eod=eod, dtype=np.dtype(dtype))
 
 
-def _encode(task: tuple[list[str], int]) -> tuple[list[list[int]], int]:
-    """Token ids of each non-blank text of a task (no EOD yet), and the task's bytes."""
+def _encode(task: tuple[list[str], int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """A task's non-blank texts as one array (each document's ids, then the EOD), the
+    document lengths (EOD included) and the task's bytes."""
     texts, size = task
-    kept = [t for t in texts if t.strip()]
-    return bpe.encode_documents(_WORKER["tok"], kept), size
+    ids = bpe.encode_documents(_WORKER["tok"], [t for t in texts if t.strip()])
+    lengths = np.array([len(d) + 1 for d in ids], dtype=np.int64)
+    flat = np.full(int(lengths.sum()), _WORKER["eod"], dtype=_WORKER["dtype"])
+    ends = np.cumsum(lengths)
+    for doc, end in zip(ids, ends):
+        flat[end - 1 - len(doc):end - 1] = doc
+    return flat, lengths, size
 
 
-def _encoded(tasks: Iterator, tok: Tokenizer, workers: int) -> Iterator:
+def _encoded(tasks: Iterator, tok: Tokenizer, eod: int, dtype, workers: int) -> Iterator:
     """Encoded tasks in input order, in ``workers`` processes (1: this process)."""
+    init = (tok.to_str(), eod, np.dtype(dtype).name)
     if workers <= 1:
-        _init_worker(tok.to_str(), threads=True)
+        _init_worker(*init, threads=True)
         yield from map(_encode, tasks)
         return
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, _init_worker, (tok.to_str(), False)) as pool:
+    with ctx.Pool(workers, _init_worker, (*init, False)) as pool:
         yield from pool.imap(_encode, tasks, chunksize=1)
 
 
@@ -205,7 +212,7 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 65536 else np.int32
 
 
-def _progress(enabled: bool, total: Optional[int]):
+def _progress(enabled: bool):
     """A rich progress bar over input bytes (a no-op when disabled)."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                TimeRemainingColumn, TransferSpeedColumn)
@@ -215,18 +222,15 @@ def _progress(enabled: bool, total: Optional[int]):
     return Progress(*columns, disable=not enabled, transient=False)
 
 
-def _tmp_prefix(prefix: str) -> str:
-    return f"{prefix}.tmp{os.getpid()}"
-
-
-def _write(builder, encoded: Iterator, eod: int, summary: Summary, progress, task) -> None:
-    """Append every encoded document (ids + EOD) to ``builder``."""
-    for docs, size in encoded:
-        for ids in docs:
-            builder.add_document(np.append(np.asarray(ids, dtype=np.int64), eod),
-                                 [len(ids) + 1])
-            summary.tokens += len(ids) + 1
-        summary.documents += len(docs)
+def _write(builder, encoded: Iterator, summary: Summary, progress, task) -> None:
+    """Append every encoded document to ``builder``, one sequence per document."""
+    for flat, lengths, size in encoded:
+        start = 0
+        for length in lengths.tolist():
+            builder.add_document(flat[start:start + length], [length])
+            start += length
+        summary.documents += len(lengths)
+        summary.tokens += int(flat.size)
         summary.bytes += size
         progress.update(task, advance=size, docs=f"{summary.documents:,} docs")
 
@@ -241,16 +245,18 @@ def preprocess(docs: Iterable[tuple[str, int]], tok: Tokenizer, prefix: str | Pa
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    prefix, start = str(Path(os.path.expanduser(str(prefix))).resolve()), time.perf_counter()
+    start, prefix = time.perf_counter(), str(Path(os.path.expanduser(str(prefix))).resolve())
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    eod, dtype, tmp = find_eod(tok, eod_token), token_dtype(tok.get_vocab_size()), _tmp_prefix(prefix)
-    summary, docs = Summary(prefix), list(docs) if total_bytes is None else docs
-    total = total_bytes if total_bytes is not None else sum(n for _, n in docs)
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    with _progress(progress, total) as bar:
-        task = bar.add_task("tokenize", total=total, docs="")
-        _write(builder, _encoded(_counting(chunks(docs), summary), tok, workers), eod,
-               summary, bar, task)
+    eod, dtype = find_eod(tok, eod_token), token_dtype(tok.get_vocab_size())
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    if total_bytes is None:
+        docs = list(docs)
+        total_bytes = sum(n for _, n in docs)
+    summary, builder = Summary(prefix), IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    with _progress(progress) as bar:
+        task = bar.add_task("tokenize", total=total_bytes, docs="")
+        tasks = _counting(chunks(docs), summary)
+        _write(builder, _encoded(tasks, tok, eod, dtype, workers), summary, bar, task)
     builder.finalize(tmp + ".idx")
     summary.seconds = time.perf_counter() - start
     _publish(tmp, prefix, _meta(tok, eod, dtype, summary, sources))

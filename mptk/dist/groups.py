@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -15,12 +16,13 @@ from megatron.core import parallel_state as ps
 from mptk.config.schema import Backend, Device
 from mptk.dist.env import DistEnv
 
-_AXES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size"}
+_AXES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
+         "vpp": "virtual_pipeline_model_parallel_size"}
 
 
-def megatron_sizes(tp: int, pp: int) -> dict[str, int]:
+def megatron_sizes(tp: int, pp: int, vpp: Optional[int] = None) -> dict:
     """Short axis names mapped to megatron's long keyword names (the only such mapping)."""
-    return {_AXES["tp"]: tp, _AXES["pp"]: pp}
+    return {_AXES["tp"]: tp, _AXES["pp"]: pp, _AXES["vpp"]: vpp if vpp and vpp > 1 else None}
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -36,7 +38,8 @@ def resolve_backend(backend: Backend, device: torch.device) -> str:
     return backend.value
 
 
-def init(env: DistEnv, tp: int, pp: int, device: torch.device, backend: str, seed: int) -> None:
+def init(env: DistEnv, tp: int, pp: int, device: torch.device, backend: str, seed: int,
+         vpp: Optional[int] = None) -> None:
     """Default group from ``env``, then megatron's groups, then per-tp-rank seeds."""
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
@@ -47,7 +50,7 @@ def init(env: DistEnv, tp: int, pp: int, device: torch.device, backend: str, see
     export_env(env)
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(minutes=10))
-    ps.initialize_model_parallel(**megatron_sizes(tp, pp))
+    ps.initialize_model_parallel(**megatron_sizes(tp, pp, vpp))
     seed_model_parallel(seed, device)
 
 
@@ -75,6 +78,10 @@ def tp_rank() -> int:
     return ps.get_tensor_model_parallel_rank()
 
 
+def tp_size() -> int:
+    return ps.get_tensor_model_parallel_world_size()
+
+
 def pp_rank() -> int:
     return ps.get_pipeline_model_parallel_rank()
 
@@ -91,12 +98,12 @@ def dp_group():
     return ps.get_data_parallel_group()
 
 
-def is_last_stage() -> bool:
-    return ps.is_pipeline_last_stage()
+def is_last_stage(vp_stage: Optional[int] = None) -> bool:
+    return ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
 
 
-def is_first_stage() -> bool:
-    return ps.is_pipeline_first_stage()
+def is_first_stage(vp_stage: Optional[int] = None) -> bool:
+    return ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
 
 
 def rank() -> int:

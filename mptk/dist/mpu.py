@@ -50,3 +50,20 @@ class MegatronMpu:
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         return ps.get_pipeline_model_parallel_world_size()
+
+
+def mark_parameters(model) -> None:
+    """Tell DeepSpeed's gradient-norm code which parameters to count once.
+
+    DeepSpeed counts a parameter if it is model-parallel or if ``mpu.get_model_parallel_rank()``
+    is 0 — but that rank is over tp x pp, so on later pipeline stages replicated parameters
+    (norms, row-parallel biases) would be skipped; and it counts the last stage's copy of a tied
+    embedding a second time. Marking tp-rank-0 replicas ``model_parallel`` and the tied copy
+    ``ds_pipe_replicated`` (DeepSpeed's own flag for pipeline-tied weights) fixes both.
+    """
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    for param in model.parameters():
+        if getattr(param, "shared", False):
+            param.ds_pipe_replicated = True
+        elif tp_rank == 0 and not getattr(param, "tensor_model_parallel", False):
+            param.model_parallel = True

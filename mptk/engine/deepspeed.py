@@ -41,13 +41,16 @@ def zero_section(cfg: RunConfig) -> dict[str, Any]:
 
 def ds_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
     """The DeepSpeed config dict; ``zero.extra`` is merged last."""
-    train = cfg.train
+    train, piped = cfg.train, layout.pp > 1
     config = {
         "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": layout.grad_acc,
-        # DeepSpeed 0.19.8 defaults to 1.0, which would silently clip every step.
-        "gradient_clipping": cfg.optim.grad_clip,
+        # pp>1: megatron's schedule runs the micro-batches; DeepSpeed sees one "micro-batch"
+        # covering them all, so every step is an accumulation boundary.
+        "train_micro_batch_size_per_gpu": train.micro_batch_size * (layout.grad_acc if piped else 1),
+        "gradient_accumulation_steps": 1 if piped else layout.grad_acc,
+        # DeepSpeed 0.19.8 defaults to 1.0, which would silently clip every step. At pp>1 and
+        # ZeRO-0 mptk clips itself (mptk/train/pipeline.py) with a norm over tp x pp.
+        "gradient_clipping": 0.0 if piped and cfg.zero.stage == 0 else cfg.optim.grad_clip,
         "zero_optimization": zero_section(cfg),
         "bf16": {"enabled": train.dtype is DType.bf16},
         "fp16": {"enabled": train.dtype is DType.fp16},
@@ -106,8 +109,9 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
     disable_jit_probes()
     import deepspeed
 
-    from mptk.dist.mpu import MegatronMpu
+    from mptk.dist.mpu import MegatronMpu, mark_parameters
 
+    mark_parameters(model)
     opt = optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     engine, _, _, _ = deepspeed.initialize(

@@ -8,6 +8,11 @@ import time
 
 from mptk.config.schema import RunConfig
 from mptk.dist.env import DistEnv
+from mptk.log.noise import quiet
+
+# A spawned worker imports this module first (it holds the process target), before the
+# config's classes pull in megatron-core: silence its import-time notices there too.
+quiet()
 
 
 def free_port() -> int:

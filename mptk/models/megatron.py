@@ -5,6 +5,7 @@ and where layer specs are chosen (the attention implementation is swapped throug
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mptk.config.schema import Activation, AttentionImpl, DType, ModelConfig
+from mptk.models import partition
 from mptk.models.attention import SdpaAttention
 
 _DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
@@ -23,13 +25,19 @@ def torch_dtype(dtype: DType) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def transformer_config(model: ModelConfig, tp: int, pp: int, dtype: DType) -> TransformerConfig:
+def transformer_config(model: ModelConfig, tp: int, pp: int, dtype: DType, *,
+                       stage_layers: Optional[list[int]] = None,
+                       batch_p2p: bool = True) -> TransformerConfig:
     """mptk model + layout + dtype -> megatron ``TransformerConfig``.
 
     Fusions that need apex/TE/CUDA kernels are off; weights are initialised on the CPU as
     full matrices and then split, so every tp layout starts from the same weights.
+    ``stage_layers`` (pp>1) becomes megatron's pipeline layout; ``batch_p2p=False`` sends
+    pipeline tensors one by one (required on gloo: batched p2p gave silently wrong gradients
+    with the interleaved schedule at pp=2).
     """
     swiglu = model.activation is Activation.swiglu
+    layout = partition.megatron_layout(stage_layers) if pp > 1 and stage_layers else None
     return TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -43,7 +51,14 @@ def transformer_config(model: ModelConfig, tp: int, pp: int, dtype: DType) -> Tr
         use_cpu_initialization=True, perform_initialization=True,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        pipeline_model_parallel_layout=layout, batch_p2p_comm=batch_p2p,
     )
+
+
+def config_for(model: ModelConfig, ctx) -> TransformerConfig:
+    """``transformer_config`` for the rank described by a ``registry.ModelContext``."""
+    return transformer_config(model, ctx.tp, ctx.pp, ctx.dtype, stage_layers=ctx.stage_layers,
+                              batch_p2p=ctx.batch_p2p)
 
 
 def layer_spec(model: ModelConfig, mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:

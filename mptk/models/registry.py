@@ -15,7 +15,7 @@ import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -36,6 +36,9 @@ class Recipe:
     """``loss(model, batch) -> (scalar loss, metrics dict)``."""
     data: Callable[..., Any]
     """``data(run_cfg, ctx) -> DataSource`` with ``train_batches`` and ``eval_batches``."""
+    forward: Optional[Callable[..., Any]] = None
+    """Pipeline form of ``loss`` (needed for pp>1): ``forward(stage_model, batch) ->
+    (output, reduce)`` where ``reduce(output) -> (loss, metrics)`` runs on the last stage."""
     checks: Callable[..., list[str]] = lambda run_cfg: []
     """Extra preflight checks: ``checks(run_cfg) -> list of error lines``."""
     units: str = "tokens"
@@ -103,3 +106,9 @@ class ModelContext:
     """This pipeline stage holds the input embedding."""
     post_process: bool
     """This pipeline stage holds the output layer and loss."""
+    vp_stage: Optional[int] = None
+    """Model chunk index on this rank with the interleaved schedule (``None`` without)."""
+    stage_layers: Optional[list] = None
+    """Layers per virtual stage (pp>1), see :mod:`mptk.models.partition`."""
+    batch_p2p: bool = True
+    """Batched pipeline p2p (off on gloo)."""

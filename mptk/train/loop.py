@@ -16,6 +16,8 @@ from mptk.dist.env import DistEnv
 from mptk.log.metrics import Metrics
 from mptk.log.noise import quiet
 from mptk.models import registry
+from mptk.compat.cpu import device_scope
+from mptk.train.pipeline import pipeline_evaluate, pipeline_step
 from mptk.train.step import evaluate, train_step
 
 
@@ -55,28 +57,48 @@ def rank_zero_first(fn):
     return fn()
 
 
-def build_model(recipe: registry.Recipe, cfg: RunConfig, layout: Layout, device) -> torch.nn.Module:
-    ctx = registry.ModelContext(tp=layout.tp, pp=layout.pp, dtype=cfg.train.dtype,
-                                pre_process=groups.is_first_stage(),
-                                post_process=groups.is_last_stage())
-    return recipe.build(cfg.model, ctx).to(device)
+def model_context(cfg: RunConfig, layout: Layout, vp_stage, backend: str) -> registry.ModelContext:
+    return registry.ModelContext(
+        tp=layout.tp, pp=layout.pp, dtype=cfg.train.dtype, vp_stage=vp_stage,
+        pre_process=groups.is_first_stage(vp_stage), post_process=groups.is_last_stage(vp_stage),
+        stage_layers=list(layout.stage_layers) or None, batch_p2p=backend != "gloo")
 
 
-def setup(cfg: RunConfig, env: DistEnv) -> Worker:
-    """Process groups, data, model and DeepSpeed engine for this rank."""
+def build_model(recipe: registry.Recipe, cfg: RunConfig, layout: Layout, device,
+                backend: str) -> torch.nn.Module:
+    """This rank's model: the whole model at pp=1, its stage at pp>1, and with vpp>1 a
+    ModuleList of its chunks (built under the CPU device scope: tied embeddings at pp>1 are
+    synchronised with a CUDA-assuming all-reduce during construction)."""
+    stages = [None] if layout.vpp == 1 else list(range(layout.vpp))
+    with device_scope():
+        chunks = [recipe.build(cfg.model, model_context(cfg, layout, vp, backend)).to(device)
+                  for vp in stages]
+    return chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
+
+
+def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
+    """Process groups, data, model and DeepSpeed engine for this rank.
+
+    ``prepare_model(model)``, if given, runs before DeepSpeed takes the model (tests load
+    reference weights there).
+    """
     from mptk.engine import deepspeed as ds
 
     layout = preflight(cfg, env.world_size, torch.cuda.is_available())
     device = groups.resolve_device(cfg.train.device)
     backend = groups.resolve_backend(cfg.launcher.backend, device)
-    groups.init(env, layout.tp, layout.pp, device, backend, cfg.train.seed)
+    groups.init(env, layout.tp, layout.pp, device, backend, cfg.train.seed, layout.vpp)
     cfg.run_dir = agree_run_dir(cfg.run_dir)
     say(f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp} grad_acc={layout.grad_acc} "
-        f"world={layout.world} on {device.type} ({backend}); run dir {cfg.run_dir}")
+        f"world={layout.world} on {device.type} ({backend}) launcher={env.launcher}; run dir {cfg.run_dir}")
     recipe = registry.get(cfg.model.recipe)
     data = rank_zero_first(lambda: recipe.data(cfg, layout, log=say))
-    model = build_model(recipe, cfg, layout, device)
+    model = build_model(recipe, cfg, layout, device, backend)
+    if prepare_model is not None:
+        prepare_model(model)
     say(f"model {cfg.model.recipe}: {parameter_count(model):,} parameters on this rank")
+    if layout.pp > 1:
+        say("pipeline stages (layers per virtual stage): " + str(list(layout.stage_layers)))
     engine = ds.initialize(model, cfg, layout)
     return Worker(cfg, layout, device, recipe, data, engine, Metrics(cfg, groups.rank() == 0))
 
@@ -104,6 +126,19 @@ def row(w: Worker, step: int, loss: float, norm: float, lr: float, seconds: floa
             "step_time_s": seconds, "rss_mb": memory_mb(w.device)}
 
 
+def one_step(w: Worker, step: int) -> tuple[float, float]:
+    """pp=1: the engine runs micro-batches itself; pp>1: megatron's pipeline schedule."""
+    if w.layout.pp > 1:
+        return pipeline_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device, w.cfg)
+    return train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device)
+
+
+def one_eval(w: Worker) -> dict:
+    if w.layout.pp > 1:
+        return pipeline_evaluate(w.engine, w.recipe, w.data, w.device, w.cfg)
+    return evaluate(w.engine, w.recipe, w.data, w.device)
+
+
 def should_eval(cfg: RunConfig, step: int) -> bool:
     interval = cfg.train.eval_interval
     return step == cfg.train.steps or (interval > 0 and step % interval == 0)
@@ -114,10 +149,10 @@ def train(w: Worker) -> None:
     cfg = w.cfg
     for step in range(cfg.train.steps):
         start, lr = time.perf_counter(), w.engine.get_lr()[0]
-        loss, norm = train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device)
+        loss, norm = one_step(w, step)
         record = row(w, step + 1, loss, norm, lr, time.perf_counter() - start)
         if should_eval(cfg, step + 1):
-            record.update(evaluate(w.engine, w.recipe, w.data, w.device))
+            record.update(one_eval(w))
         log_now = (step + 1) % cfg.train.log_interval == 0 or "eval_loss" in record
         w.metrics.log(record, console=log_now)
 

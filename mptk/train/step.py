@@ -21,6 +21,14 @@ def dp_mean(value: torch.Tensor) -> float:
     return value.item() / groups.dp_size()
 
 
+def counts_in_norm(param: torch.nn.Parameter) -> bool:
+    """Once per logical parameter: tp shards everywhere, replicas on tp rank 0, and not the
+    last stage's copy of a tied embedding (megatron marks it ``shared``)."""
+    if getattr(param, "shared", False):
+        return False
+    return getattr(param, "tensor_model_parallel", False) or groups.tp_rank() == 0
+
+
 def grad_norm(model: torch.nn.Module) -> float:
     """Global L2 norm of the (dp-reduced) gradients over the tp x pp group.
 
@@ -31,8 +39,7 @@ def grad_norm(model: torch.nn.Module) -> float:
 
     total = torch.zeros((), dtype=torch.float64)
     for param in model.parameters():
-        if param.grad is not None and (getattr(param, "tensor_model_parallel", False)
-                                       or groups.tp_rank() == 0):
+        if param.grad is not None and counts_in_norm(param):
             total += param.grad.detach().double().pow(2).sum().cpu()
     dist.all_reduce(total, group=ps.get_model_parallel_group())
     return total.sqrt().item()

@@ -64,9 +64,29 @@ BAD = {
         ["model.num_attention_heads(4) is not divisible by model.num_query_groups(3)"],
     ),
     "groups<1": ({"model.num_query_groups": 0}, 4, False, ["model.num_query_groups(0) must be >= 1"]),
-    "layers%pp": (
-        {"parallel.pp": 2, "model.num_layers": 5}, 4, False,
-        ["model.num_layers(5) is not divisible by parallel.pp(2)", "choose parallel.pp dividing 5"],
+    "layers<stages": (
+        {"parallel.pp": 2, "parallel.vpp": 2, "model.num_layers": 3}, 4, False,
+        ["model.num_layers(3) < pp(2)*vpp(2)=4", "every pipeline stage needs a layer"],
+    ),
+    "stage list length": (
+        {"parallel.pp": 2, "parallel.layers_per_stage": [4]}, 4, False,
+        ["parallel.layers_per_stage has 1 entries but pp*vpp = 2"],
+    ),
+    "stage list sum": (
+        {"parallel.pp": 2, "parallel.layers_per_stage": [1, 2]}, 4, False,
+        ["parallel.layers_per_stage=[1, 2] sums to 3 but model.num_layers is 4"],
+    ),
+    "empty stage": (
+        {"parallel.pp": 2, "parallel.layers_per_stage": [4, 0]}, 4, False,
+        ["parallel.layers_per_stage=[4, 0]: every stage needs >= 1 layer"],
+    ),
+    "vpp without pp": (
+        {"parallel.vpp": 2}, 4, False, ["parallel.vpp(2) needs parallel.pp >= 2"],
+    ),
+    "interleaved micro-batches": (
+        {"parallel.tp": 1, "parallel.pp": 2, "parallel.vpp": 2, "train.micro_batch_size": 1,
+         "train.global_batch_size": 3}, 2, False,
+        ["micro-batches(3)", "must be a multiple of pp(2)"],
     ),
     "hidden%heads": (
         {"model.hidden_size": 130}, 4, False,
@@ -148,7 +168,9 @@ def test_every_problem_is_reported_at_once():
     [
         ({}, 4, Layout(tp=2, pp=1, dp=2, grad_acc=1, world=4)),
         ({"parallel.pp": 2, "train.global_batch_size": 16, "train.micro_batch_size": 2}, 8,
-         Layout(tp=2, pp=2, dp=2, grad_acc=4, world=8)),
+         Layout(tp=2, pp=2, dp=2, grad_acc=4, world=8, stage_layers=(3, 1))),  # head ~ 2 layers
+        ({"parallel.pp": 2, "parallel.layers_per_stage": [3, 1], "parallel.tp": 1}, 2,
+         Layout(tp=1, pp=2, dp=1, grad_acc=2, world=2, stage_layers=(3, 1))),
         ({"parallel.tp": 1}, 1, Layout(tp=1, pp=1, dp=1, grad_acc=2, world=1)),
         ({"parallel.tp": 4, "zero.stage": 3, "zero.offload_params": True}, 8,
          Layout(tp=4, pp=1, dp=2, grad_acc=1, world=8)),

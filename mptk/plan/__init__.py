@@ -1,0 +1,1 @@
+"""mptk-plan: layout planner."""

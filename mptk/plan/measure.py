@@ -1,0 +1,246 @@
+"""Calibration: build the DeepSpeed engine of a layout, run steps, and count the model-state
+bytes each rank actually holds, beside the planner's prediction.
+
+What is counted (unique tensor storages, so views into DeepSpeed's flat buffers count once,
+padding included):
+
+- params: the working-precision parameters (ZeRO-3: the rank's ``ds_tensor`` partitions);
+- grads: ZeRO-0 the module gradients at the optimizer step; ZeRO-1 the module gradients when
+  the boundary's reduction starts (ZeRO-1 keeps full gradients); ZeRO-2 the fp32 gradient
+  partition DeepSpeed hands the optimizer (``single_partition_of_fp32_groups[i].grad``, summed
+  over groups); ZeRO-3 the gradient partition buffer (``grad_partitions_flat_buffer``);
+- master: fp32 copies the torch optimizer updates that are not the module's parameters
+  (``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``);
+- optim: every tensor in the torch optimizer's ``state`` (moments, ``step`` scalars).
+
+DeepSpeed's transient buffers (gradient buckets, ZeRO-2's ``grads_in_partition`` staging) are
+not model states and are not counted here. Only pp=1 layouts and the GPT/ViT recipes.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import multiprocessing as mp
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mptk.plan.memory import model_states, shape_of, stage_tensors, training_of
+
+STAGES = (0, 1, 2, 3)
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def predicted(cfg, tp: int, dp: int, stage: int) -> dict[str, float]:
+    """The planner's model-state bytes for one rank of a pp=1 layout."""
+    sh = shape_of(cfg.model)
+    tensors = stage_tensors(sh, tp, sh.layers, True, True, 1)
+    return model_states(tensors, dp, stage, training_of(cfg)).as_dict()
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (meta and empty ones skipped)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None or t.device.type == "meta" or t.numel() == 0:
+            continue
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+class Probe:
+    """Hooks that record gradient storages at the moments DeepSpeed holds them."""
+
+    def __init__(self, engine):
+        self.engine, self.inner = engine, torch_optimizer(engine)
+        self.active, self.step_grads, self.module_grads, self.pre_reduce = False, {}, {}, {}
+        self._step = self.inner.step
+        self.inner.step = self._wrapped_step
+        zero = engine.optimizer
+        self._reduce = getattr(zero, "reduce_gradients", None)
+        if self._reduce is not None:
+            zero.reduce_gradients = self._wrapped_reduce
+
+    def _grads(self, params) -> dict[int, int]:
+        grads = [p.grad for p in params if p.grad is not None]
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in grads
+                if t.device.type != "meta" and t.numel()}
+
+    def _wrapped_step(self, *args, **kwargs):
+        out = self._step(*args, **kwargs)
+        if self.active:
+            params = [p for g in self.inner.param_groups for p in g["params"]]
+            self.step_grads.update(self._grads(params))
+            self.module_grads.update(self._grads(self.engine.module.parameters()))
+        return out
+
+    def _wrapped_reduce(self, *args, **kwargs):
+        if self.active:
+            self.pre_reduce.update(self._grads(self.engine.module.parameters()))
+        return self._reduce(*args, **kwargs)
+
+    def remove(self) -> None:
+        self.inner.step = self._step
+        if self._reduce is not None:
+            self.engine.optimizer.reduce_gradients = self._reduce
+
+
+def _params(engine, stage: int) -> list[torch.Tensor]:
+    params = list(engine.module.parameters())
+    return [p.ds_tensor for p in params] if stage == 3 else params
+
+
+def _grads(probe: Probe, stage: int) -> int:
+    if stage == 3:
+        return storage_bytes([probe.engine.optimizer.grad_partitions_flat_buffer])
+    chosen = {0: probe.module_grads, 1: probe.pre_reduce, 2: probe.step_grads}[stage]
+    return sum(chosen.values())
+
+
+def _masters(probe: Probe, stage: int) -> list[torch.Tensor]:
+    """The tensors the torch optimizer updates (DeepSpeed empties its param groups between
+    ZeRO-3 sub-group steps, so they are read from DeepSpeed's own lists)."""
+    zero = probe.engine.optimizer
+    if stage == 3:
+        return list(zero.fp32_partitioned_groups_flat)
+    if stage in (1, 2):
+        return list(zero.single_partition_of_fp32_groups)
+    return [p for g in probe.inner.param_groups for p in g["params"]]
+
+
+def held(probe: Probe, stage: int) -> dict[str, float]:
+    """Model-state bytes this rank holds (see the module docstring)."""
+    own = _params(probe.engine, stage)
+    own_ptrs = {p.untyped_storage().data_ptr() for p in own if p.numel()}
+    master = [p for p in _masters(probe, stage)
+              if p.numel() and p.untyped_storage().data_ptr() not in own_ptrs]
+    states = [v for s in probe.inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    out = {"params": storage_bytes(own), "grads": _grads(probe, stage),
+           "master": storage_bytes(master), "optim": storage_bytes(states)}
+    return {**out, "total": sum(out.values())}
+
+
+# --------------------------------------------------------------------------- running
+
+
+def synthetic_batch(cfg, generator: torch.Generator) -> dict:
+    """A random micro-batch of the recipe's shape (no data files needed)."""
+    m, b = cfg.model, cfg.train.micro_batch_size
+    if m.recipe == "vit":
+        images = torch.rand(b, m.channels, m.image_size, m.image_size, generator=generator)
+        return {"images": images, "labels": torch.randint(0, m.num_classes, (b,), generator=generator)}
+    tokens = torch.randint(0, m.vocab_size, (b, m.seq_length + 1), generator=generator)
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+
+def _train(engine, recipe, cfg, probe: Probe, grad_acc: int, steps: int) -> None:
+    """``steps`` optimizer steps; the probe records during the last one."""
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    for step in range(steps):
+        probe.active = step == steps - 1
+        for _ in range(grad_acc):
+            loss, _ = recipe.loss(engine, synthetic_batch(cfg, generator))
+            engine.backward(loss)
+            engine.step()
+
+
+def measure_stage(cfg, layout, stage: int, steps: int = 1) -> dict:
+    """One engine at ZeRO ``stage`` on this rank: predicted and measured bytes."""
+    from mptk.engine import deepspeed as ds
+    from mptk.models import registry
+    from mptk.train.loop import build_model
+
+    cfg = copy.deepcopy(cfg)
+    cfg.zero.stage = stage
+    recipe = registry.get(cfg.model.recipe)
+    model = build_model(recipe, cfg, layout, torch.device("cpu"), "gloo")
+    engine = ds.initialize(model, cfg, layout)
+    probe = Probe(engine)
+    _train(engine, recipe, cfg, probe, layout.grad_acc, steps)
+    measured = held(probe, stage)
+    probe.remove()
+    del engine, probe
+    gc.collect()
+    return row(cfg, layout, stage, predicted(cfg, layout.tp, layout.dp, stage), measured)
+
+
+def row(cfg, layout, stage: int, pred: dict, meas: dict) -> dict:
+    """One JSON row: layout, predicted and measured bytes, relative error of the total."""
+    from mptk.dist import groups
+
+    err = abs(pred["total"] - meas["total"]) / max(meas["total"], 1)
+    return {"rank": groups.rank(), "tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
+            "zero": stage, "dtype": cfg.train.dtype.value, "optimizer": cfg.optim.name.value,
+            "predicted": pred, "measured": meas, "exact": pred == meas, "rel_err": err}
+
+
+def measure_rank(env, cfg, stages=STAGES, steps: int = 1) -> list[dict]:
+    """Entry of one rank (also the target for ``tests/dist/harness.run_world``): groups once,
+    then an engine per ZeRO stage, one after the other."""
+    from mptk.config.preflight import preflight
+    from mptk.dist import groups
+    from mptk.log.noise import quiet
+
+    quiet()
+    layout = preflight(cfg, env.world_size, False)
+    groups.init(env, layout.tp, layout.pp, torch.device("cpu"), "gloo", cfg.train.seed,
+                getattr(layout, "vpp", None))
+    return [measure_stage(cfg, layout, stage, steps) for stage in stages]
+
+
+def _child(cfg, env, stages, steps, out: Path) -> None:
+    import os
+    import traceback
+
+    from mptk.dist import groups
+
+    try:
+        rows = measure_rank(env, cfg, stages, steps)
+        (out / f"rank{env.rank}.pkl").write_bytes(pickle.dumps(rows))
+    except BaseException:
+        (out / f"rank{env.rank}.err").write_text(traceback.format_exc())
+        os._exit(1)
+    groups.finish(0)
+
+
+def run(cfg, world: int, stages=STAGES, steps: int = 1) -> list[dict]:
+    """Spawn ``world`` local CPU ranks, measure every stage, return all ranks' rows."""
+    from mptk.dist.env import DistEnv
+    from mptk.launch.local import free_port, wait
+
+    out, port, ctx = Path(tempfile.mkdtemp(prefix="mptk-plan-")), free_port(), mp.get_context("spawn")
+    procs = [ctx.Process(target=_child, args=(cfg, DistEnv(
+        rank=r, local_rank=r, world_size=world, master_addr="127.0.0.1", master_port=port,
+        launcher="spawn"), tuple(stages), steps, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    code = wait(procs)
+    errors = [f.read_text() for f in sorted(out.glob("*.err"))]
+    if code or errors:
+        raise RuntimeError("measurement failed:\n" + "\n".join(errors))
+    return [r for k in range(world) for r in pickle.loads((out / f"rank{k}.pkl").read_bytes())]
+
+
+def write_rows(rows: list[dict], path: str) -> None:
+    """Append rows to a JSON-lines file."""
+    with open(path, "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")

@@ -1,0 +1,389 @@
+"""Memory per GPU: parameters per rank, DeepSpeed's model states per ZeRO stage, activations
+(Korthikanti et al. 2022) and temporary buffers.
+
+Model states follow DeepSpeed 0.19.8 as measured on its engine (see :mod:`mptk.plan.measure`):
+working-precision parameters ``w`` bytes each (2 for bf16/fp16, 4 for fp32), gradients in
+the same dtype, and for ZeRO >= 1 (or any 16-bit run) an fp32 master copy plus the torch
+optimizer's states (AdamW: exp_avg + exp_avg_sq, 8 bytes, and a 4-byte ``step`` scalar per
+optimized tensor; SGD: a 4-byte momentum buffer). Mixed precision is thus 2+2+12 = 16 bytes
+per parameter, fp32 at ZeRO-0 4+4+8; fp32 at ZeRO >= 1 keeps a master copy too (DeepSpeed
+clones the partition), 4+4+12/N.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+# --------------------------------------------------------------------------- model shape
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """The model dimensions the planner needs (from ``cfg.model``)."""
+
+    recipe: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    seq: int
+    vocab: int
+    gated: bool = False
+    rms: bool = False
+    learned_pos: bool = True
+    tied: bool = True
+    flash: bool = True
+    """SDPA attention: the s x s score matrix is not kept for backward."""
+    vit: tuple[int, int, int] = (0, 0, 0)
+    """ViT only: (channels, patch_size, num_classes)."""
+
+
+def shape_of(model) -> Shape:
+    """A :class:`Shape` from a recipe's model config (GPT and ViT recipes)."""
+    h, value = model.hidden_size, lambda e: getattr(e, "value", e)
+    vit = model.recipe == "vit"
+    seq = (model.image_size // model.patch_size) ** 2 + 1 if vit else model.seq_length
+    return Shape(
+        recipe=model.recipe, layers=model.num_layers, hidden=h, heads=model.num_attention_heads,
+        kv_heads=model.num_query_groups or model.num_attention_heads,
+        ffn=model.ffn_hidden_size or 4 * h, seq=seq, vocab=getattr(model, "vocab_size", 0),
+        gated=value(model.activation) == "swiglu", rms=value(model.normalization) == "RMSNorm",
+        learned_pos=vit or value(getattr(model, "position_embedding", "")) == "learned_absolute",
+        tied=getattr(model, "tie_embeddings", False), flash=value(model.attention) == "sdpa",
+        vit=(model.channels, model.patch_size, model.num_classes) if vit else (0, 0, 0))
+
+
+# --------------------------------------------------------------------------- parameters
+
+Tensors = Counter
+"""``{(numel, is_matrix): count}``: the parameter tensors one rank holds (mptk puts
+matrices in the weight-decay group and vectors in the other, :func:`param_groups`)."""
+
+
+def _norm(s: Shape) -> list[tuple[int, bool]]:
+    return [(s.hidden, False)] if s.rms else [(s.hidden, False), (s.hidden, False)]
+
+
+def layer_tensors(s: Shape, tp: int) -> list[tuple[int, bool]]:
+    """One megatron transformer layer (local spec, biases on) on one tp rank."""
+    h, d = s.hidden, s.hidden // s.heads
+    qkv = (s.heads + 2 * s.kv_heads) * d // tp
+    fc1 = s.ffn * (2 if s.gated else 1) // tp
+    return [*_norm(s), (qkv * h, True), (qkv, False), (h * h // tp, True), (h, False),
+            *_norm(s), (fc1 * h, True), (fc1, False), (h * s.ffn // tp, True), (h, False)]
+
+
+def _gpt_ends(s: Shape, tp: int, first: bool, last: bool, pp: int) -> list[tuple[int, bool]]:
+    out = []
+    if first:
+        out += [(s.vocab // tp * s.hidden, True)] + ([(s.seq * s.hidden, True)] if s.learned_pos else [])
+    if last:
+        out += _norm(s)
+        if not s.tied or (pp > 1 and not first):  # tied at pp>1: the last stage keeps a copy
+            out.append((s.vocab // tp * s.hidden, True))
+    return out
+
+
+def _vit_ends(s: Shape, first: bool, last: bool) -> list[tuple[int, bool]]:
+    channels, patch, classes = s.vit
+    out = []
+    if first:
+        out += [(s.hidden * channels * patch * patch, True), (s.seq * s.hidden, True),
+                (s.hidden, True), *_norm(s)]  # conv1, positions, class token [1,1,h], ln_pre
+    if last:
+        out += [*_norm(s), (classes * s.hidden, True), (classes, False)]
+    return out
+
+
+def stage_tensors(s: Shape, tp: int, layers: int, first: bool, last: bool, pp: int = 1) -> Tensors:
+    """Parameter tensors of one rank holding ``layers`` layers (and the ends it owns)."""
+    ends = _vit_ends(s, first, last) if s.vit[0] else _gpt_ends(s, tp, first, last, pp)
+    counts = Counter(ends)
+    for key, n in Counter(layer_tensors(s, tp)).items():
+        counts[key] += n * layers
+    return counts
+
+
+def total_params(s: Shape) -> int:
+    """Parameters of the whole model (tp=1, pp=1)."""
+    return numel(stage_tensors(s, 1, s.layers, True, True))
+
+
+def numel(t: Tensors) -> int:
+    return sum(n * c for (n, _), c in t.items())
+
+
+def param_groups(t: Tensors) -> list[int]:
+    """Elements in mptk's two optimizer groups (decay: matrices; no decay: vectors)."""
+    groups = [sum(n * c for (n, m), c in t.items() if m), sum(n * c for (n, m), c in t.items() if not m)]
+    return [g for g in groups if g]
+
+
+def tensor_count(t: Tensors) -> int:
+    return sum(t.values())
+
+
+# --------------------------------------------------------------------------- model states
+
+
+@dataclass(frozen=True, slots=True)
+class Training:
+    """Run settings that change memory and time (from ``cfg.train``/``zero``/``optim``)."""
+
+    w: int = 2
+    """Bytes per working-precision element (2 bf16/fp16, 4 fp32)."""
+    optimizer: str = "adamw"
+    global_batch: int = 1
+    reduce_bucket: int = 50_000_000
+    overlap_comm: bool = False
+    persistence: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    sub_group: int = 1_000_000_000
+    """ZeRO-3 ``sub_group_size`` (DeepSpeed default)."""
+
+
+def training_of(cfg) -> Training:
+    z, value = cfg.zero, lambda e: getattr(e, "value", e)
+    extra = z.extra.get("zero_optimization", {}) if isinstance(z.extra, dict) else {}
+    return Training(
+        w=4 if value(cfg.train.dtype) == "fp32" else 2, optimizer=value(cfg.optim.name),
+        global_batch=cfg.train.global_batch_size, reduce_bucket=int(z.reduce_bucket_size),
+        overlap_comm=bool(z.overlap_comm), persistence=int(z.stage3_param_persistence_threshold),
+        offload_optimizer=bool(z.offload_optimizer), offload_params=bool(z.offload_params),
+        sub_group=int(extra.get("sub_group_size", 1_000_000_000)))
+
+
+@dataclass(slots=True)
+class States:
+    """Model-state bytes on one rank, by role."""
+
+    params: float = 0.0
+    grads: float = 0.0
+    master: float = 0.0
+    optim: float = 0.0
+
+    def total(self) -> float:
+        return self.params + self.grads + self.master + self.optim
+
+    def as_dict(self) -> dict[str, float]:
+        return {"params": self.params, "grads": self.grads, "master": self.master,
+                "optim": self.optim, "total": self.total()}
+
+
+def _aligned(group: int, dp: int) -> int:
+    """DeepSpeed ZeRO-1/2 pads each flat group to a multiple of 2 * dp elements."""
+    unit = 2 * dp
+    return -(-group // unit) * unit
+
+
+def _moments(elements: float, tensors: int, optimizer: str) -> float:
+    """torch optimizer state: AdamW 2 fp32 moments + a 4-byte step per tensor; SGD momentum."""
+    if optimizer == "sgd":
+        return 4 * elements
+    return 8 * elements + 4 * tensors
+
+
+def stage0(t: Tensors, tr: Training) -> States:
+    """No partitioning: every rank holds everything (DeepSpeed keeps an fp32 master only
+    for 16-bit runs)."""
+    n, k = numel(t), tensor_count(t)
+    master = 0 if tr.w == 4 else 4 * n
+    return States(params=tr.w * n, grads=tr.w * n, master=master,
+                  optim=_moments(n, k if tr.w == 4 else len(param_groups(t)), tr.optimizer))
+
+
+def stage12(t: Tensors, dp: int, stage: int, tr: Training) -> States:
+    """ZeRO-1/2: flat padded parameter groups; fp32 master and states partitioned; gradients
+    full at ZeRO-1 (held until the boundary's reduction), the fp32 partition at ZeRO-2."""
+    groups = param_groups(t)
+    part = sum(_aligned(g, dp) // dp for g in groups)
+    grads = tr.w * numel(t) if stage == 1 else 4 * part
+    return States(params=tr.w * sum(_aligned(g, dp) for g in groups), grads=grads,
+                  master=4 * part, optim=_moments(part, len(groups), tr.optimizer))
+
+
+def stage3(t: Tensors, dp: int, tr: Training) -> States:
+    """ZeRO-3: parameters, gradients, master and states all partitioned per tensor
+    (``ceil(numel / dp)`` each); tensors under the persistence threshold stay whole."""
+    part = sum(-(-n // dp) * c for (n, _), c in t.items())
+    whole = sum(n * c for (n, _), c in t.items() if n < tr.persistence)
+    groups = [sum(-(-n // dp) * c for (n, m), c in t.items() if m == flag) for flag in (True, False)]
+    subgroups = sum(-(-g // tr.sub_group) for g in groups if g)
+    return States(params=tr.w * (part + whole), grads=tr.w * part, master=4 * part,
+                  optim=_moments(part, subgroups, tr.optimizer))
+
+
+def model_states(t: Tensors, dp: int, stage: int, tr: Training) -> States:
+    """Bytes of parameters, gradients, fp32 master and optimizer states on one rank."""
+    if stage == 0:
+        s = stage0(t, tr)
+    elif stage in (1, 2):
+        s = stage12(t, dp, stage, tr)
+    else:
+        s = stage3(t, dp, tr)
+    return _offloaded(s, stage, tr)
+
+
+def _offloaded(s: States, stage: int, tr: Training) -> States:
+    """Offload moves the fp32 master and states (and at ZeRO-3 the parameters) to the CPU."""
+    if tr.offload_optimizer:
+        s.master, s.optim = 0.0, 0.0
+    if tr.offload_params and stage == 3:
+        s.params = 0.0
+    return s
+
+
+def zero_paper(psi: float, dp: int, stage: int, k: int = 12, w: int = 2) -> float:
+    """The ZeRO paper's (Rajbhandari et al. 2020, Fig. 1) model-state bytes per GPU."""
+    params, grads, optim = w * psi, w * psi, k * psi
+    if stage >= 1:
+        optim /= dp
+    if stage >= 2:
+        grads /= dp
+    if stage >= 3:
+        params /= dp
+    return params + grads + optim
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def korthikanti(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                recompute: str = "none") -> float:
+    """Activation bytes of one transformer layer, 16-bit activations (Korthikanti et al.
+    2022, Table 2): sbh(34 + 5as/h) unparallelised; tp t: sbh(10 + 24/t + 5as/(ht));
+    with sequence parallel sbh/t (34 + 5as/h); selective recompute drops the 5as/h term;
+    full recompute keeps only the layer input, 2sbh (/t with sequence parallel)."""
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh / (t if sp else 1)
+    attn = 0.0 if recompute == "selective" else 5 * a * s / h
+    if sp:
+        return sbh / t * (34 + attn)
+    return sbh * (10 + 24 / t + attn / t)
+
+
+def layer_activations(sh: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int) -> float:
+    """Korthikanti's per-layer bytes for this model: SDPA keeps no score matrix (as selective
+    recompute), fp32 activations double the 2-byte terms (approximation: masks stay 1 byte)."""
+    mode = "selective" if sh.flash and recompute == "none" else recompute
+    return korthikanti(sh.seq, micro, sh.hidden, sh.heads, tp, sp, mode) * (w / 2)
+
+
+def in_flight(pp: int, micro_batches: int, rank: int = 0) -> int:
+    """Micro-batches whose activations a stage holds under 1F1B: pp - rank (first: pp)."""
+    return max(1, min(pp - rank, micro_batches))
+
+
+def interleave_factor(pp: int, vpp: int) -> float:
+    """Korthikanti: with v model chunks per rank the first stage holds 1 + (p-1)/(p v) times
+    the non-interleaved activations."""
+    return 1.0 if vpp <= 1 or pp <= 1 else 1 + (pp - 1) / (pp * vpp)
+
+
+def head_bytes(sh: Shape, micro: int, tp: int) -> float:
+    """Last stage: fp32 logits and their softmax for the loss, s*b*V/t*4 bytes each."""
+    classes = sh.vit[2] if sh.vit[0] else sh.vocab
+    seq = 1 if sh.vit[0] else sh.seq
+    return 2 * 4 * seq * micro * classes / tp
+
+
+# --------------------------------------------------------------------------- buffers
+
+
+def buffers(stage: int, tr: Training, stage_params: int, largest_layer: int) -> float:
+    """DeepSpeed's temporaries: ZeRO-1/2 gradient bucket(s) of ``reduce_bucket_size``
+    elements (two with overlap_comm); ZeRO-0 flattens gradients for its all-reduce (bounded by
+    the model); ZeRO-3 a reduce bucket plus an all-gathered layer (plus the next, prefetched)."""
+    bucket = min(tr.reduce_bucket, max(stage_params, 1)) if stage == 0 else tr.reduce_bucket
+    if stage == 0:
+        return tr.w * bucket
+    if stage in (1, 2):
+        return tr.w * bucket * (2 if tr.overlap_comm else 1)
+    return tr.w * (tr.reduce_bucket + 2 * largest_layer)
+
+
+# --------------------------------------------------------------------------- breakdown
+
+
+@dataclass(slots=True)
+class Memory:
+    """One rank's memory, bytes, by item."""
+
+    states: States
+    activations: float
+    head: float
+    buffers: float
+    reserve: float
+    rank: int = 0
+    """Pipeline rank this breakdown is for (the worst one)."""
+
+    def total(self) -> float:
+        return self.states.total() + self.activations + self.head + self.buffers + self.reserve
+
+    def rows(self) -> list[tuple[str, float]]:
+        st = self.states
+        return [("weights", st.params), ("gradients", st.grads), ("fp32 master", st.master),
+                ("optimizer states", st.optim), ("activations", self.activations),
+                ("logits + loss", self.head), ("DeepSpeed buffers", self.buffers),
+                ("CUDA context / NCCL / fragmentation", self.reserve)]
+
+
+def even_split(layers: int, stages: int) -> list[int]:
+    """Layers per virtual stage, as even as possible (earlier stages get the remainder)."""
+    base, extra = divmod(layers, stages)
+    return [base + (i < extra) for i in range(stages)]
+
+
+def rank_layers(counts: list[int], pp: int, rank: int) -> int:
+    """Layers a pipeline rank holds: virtual stages rank, rank+pp, ... (interleaved order)."""
+    return sum(counts[rank::pp])
+
+
+def largest_layer(sh: Shape, tp: int) -> int:
+    return sum(n for n, _ in layer_tensors(sh, tp))
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One layout: the knobs the planner sets (``dp`` is world / (tp * pp))."""
+
+    tp: int
+    pp: int
+    dp: int
+    vpp: int = 1
+    zero: int = 0
+    micro: int = 1
+    recompute: str = "none"
+    """``none``, ``selective`` or ``full`` activation recomputation."""
+    sp: bool = False
+    """Megatron sequence parallelism (tp > 1)."""
+
+    def grad_acc(self, global_batch: int) -> int:
+        """Micro-batches per step on each data-parallel rank."""
+        return max(1, global_batch // (self.micro * self.dp))
+
+
+def rank_memory(sh: Shape, c: Choice, tr: Training, counts: list[int], rank: int,
+                reserve: float) -> Memory:
+    """Memory of pipeline rank ``rank`` (``counts``: layers per virtual stage)."""
+    first, last = rank == 0, rank == c.pp - 1
+    layers = rank_layers(counts, c.pp, rank)
+    t = stage_tensors(sh, c.tp, layers, first, last, c.pp)
+    per_layer = layer_activations(sh, c.micro, c.tp, c.sp, c.recompute, tr.w)
+    held = in_flight(c.pp, c.grad_acc(tr.global_batch), rank) * interleave_factor(c.pp, c.vpp)
+    return Memory(states=model_states(t, c.dp, c.zero, tr), activations=layers * per_layer * held,
+                  head=head_bytes(sh, c.micro, c.tp) if last else 0.0,
+                  buffers=buffers(c.zero, tr, numel(t), largest_layer(sh, c.tp)),
+                  reserve=reserve, rank=rank)
+
+
+def worst_memory(sh: Shape, c: Choice, tr: Training, counts: list[int], reserve: float,
+                 every_rank: bool = False) -> Memory:
+    """The pipeline rank needing the most memory: all ranks, or (fast) the first two and
+    the last (the first holds the most in-flight micro-batches, the last the output layer)."""
+    ranks = range(c.pp) if every_rank else sorted({0, min(1, c.pp - 1), c.pp - 1})
+    return max((rank_memory(sh, c, tr, counts, r, reserve) for r in ranks), key=Memory.total)

@@ -1,0 +1,189 @@
+"""Step time: model FLOPs (Megatron's formula) over an achievable per-GPU rate, tensor-parallel
+all-reduces and data-parallel reductions over NVLink/InfiniBand, the pipeline bubble, the
+optimizer step; then tokens/s and MFU.
+
+Assumptions (each a constant below): compute and tp communication are not overlapped
+(megatron's tp collectives sit on the critical path); DeepSpeed's dp reduction is exposed
+unless ``zero.overlap_comm``, then half of the compute hides it; ring collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mptk.plan.hardware import LOCAL_ATTENTION, Cluster
+from mptk.plan.memory import Choice, Shape, Training, layer_tensors, numel, rank_layers, stage_tensors
+
+LATENCY_NVLINK = 10e-6
+"""Seconds per collective inside a node (NCCL small-message latency, order of magnitude)."""
+LATENCY_IB = 25e-6
+"""Seconds per collective across nodes."""
+ZERO3_SLOWDOWN = 316 / 132
+"""ZeRO-3's partition/gather hooks on one H200 (STACK_NOTES: 132 vs 316 TF/s at ZeRO-1)."""
+OPTIMIZER_PASSES = 2.0
+"""Memory passes of torch's foreach AdamW over its tensors (memory-bound step)."""
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def megatron_flops(batch: int, s: int, l: int, h: int, v: int) -> float:
+    """Model FLOPs per step (Korthikanti et al. 2022): 72 B s l h^2 (1 + s/(6h) + V/(12 l h))."""
+    return 72 * batch * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
+
+
+def layer_matmul_params(sh: Shape) -> int:
+    """Matrix elements of one layer (tp=1): qkv, projection, MLP."""
+    return sum(n for n, matrix in layer_tensors(sh, 1) if matrix)
+
+
+def _head_flops(sh: Shape) -> float:
+    """Forward FLOPs of the output layer per sample (logits; ViT: class token only)."""
+    return 2 * sh.hidden * sh.vit[2] if sh.vit[0] else 2 * sh.seq * sh.hidden * sh.vocab
+
+
+def _layer_forward(sh: Shape) -> tuple[float, float]:
+    """(matmul, attention-core) forward FLOPs of one layer for one sample."""
+    return 2 * sh.seq * layer_matmul_params(sh), 4 * sh.seq * sh.seq * sh.hidden
+
+
+def model_flops(sh: Shape, batch: int) -> float:
+    """Forward + backward FLOPs per step without recomputation: Megatron's formula, written
+    per layer so it also holds for gated MLPs and grouped-query attention."""
+    matmul, core = _layer_forward(sh)
+    return 3 * batch * (sh.layers * (matmul + core) + _head_flops(sh))
+
+
+def hardware_flops(sh: Shape, batch: int, recompute: str) -> float:
+    """FLOPs actually executed: full recompute repeats each layer's forward, selective the
+    attention core."""
+    matmul, core = _layer_forward(sh)
+    extra = {"full": matmul + core, "selective": core}.get(recompute, 0.0)
+    return model_flops(sh, batch) + batch * sh.layers * extra
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def bubble_fraction(p: int, m: int) -> float:
+    """Share of a 1F1B step spent idle: (p-1)/(m+p-1) (Narayanan et al. 2021)."""
+    return (p - 1) / (m + p - 1)
+
+
+def bubble_overhead(p: int, m: int, v: int = 1) -> float:
+    """Bubble time relative to the ideal compute time: (p-1)/(v m); v model chunks per rank
+    (the interleaved schedule) divide it by v."""
+    return (p - 1) / (v * m)
+
+
+# --------------------------------------------------------------------------- communication
+
+
+def ring_bytes(size: float, n: int, op: str) -> float:
+    """Bytes each GPU sends in a ring collective over ``n`` ranks."""
+    if n <= 1:
+        return 0.0
+    return size * (2 if op == "all_reduce" else 1) * (n - 1) / n
+
+
+def link(cluster: Cluster, span: int) -> tuple[float, float]:
+    """(bandwidth, latency) of a group spanning ``span`` consecutive ranks."""
+    if span <= cluster.gpus_per_node:
+        return cluster.gpu.nvlink, LATENCY_NVLINK
+    return cluster.gpu.ib, LATENCY_IB
+
+
+def tp_comm(sh: Shape, c: Choice, tr: Training, cluster: Cluster, layers: int, m: int) -> float:
+    """Seconds of tensor-parallel all-reduces per step on one GPU: 2 forward + 2 backward per
+    layer and micro-batch (+2 with full recompute); sequence parallel swaps each for a
+    reduce-scatter + all-gather of the same volume."""
+    if c.tp <= 1:
+        return 0.0
+    count = layers * m * (6 if c.recompute == "full" else 4)
+    bw, lat = link(cluster, c.tp)
+    size = c.micro * sh.seq * sh.hidden * tr.w
+    return count * (lat + ring_bytes(size, c.tp, "all_reduce") / bw)
+
+
+def dp_comm(c: Choice, tr: Training, cluster: Cluster, params: int, m: int) -> float:
+    """Seconds of data-parallel traffic per step: ZeRO-0/1 one gradient all-reduce; ZeRO-2 a
+    reduce-scatter per micro-batch and a parameter all-gather; ZeRO-3 per micro-batch two
+    parameter all-gathers (forward, backward) and a reduce-scatter."""
+    if c.dp <= 1:
+        return 0.0
+    bw, lat = link(cluster, c.tp * c.dp)
+    size = params * tr.w
+    half = ring_bytes(size, c.dp, "reduce_scatter")
+    volume = {0: 2 * half, 1: 2 * half, 2: (m + 1) * half, 3: 3 * m * half}[c.zero]
+    buckets = max(1, size // (tr.reduce_bucket * tr.w))
+    return volume / bw + lat * buckets * (m if c.zero >= 2 else 1)
+
+
+def pp_comm(sh: Shape, c: Choice, tr: Training, cluster: Cluster, m: int) -> float:
+    """Seconds of pipeline sends per step: activation forward and gradient back, per
+    micro-batch and model chunk (sequence parallel sends a 1/tp slice)."""
+    if c.pp <= 1:
+        return 0.0
+    bw, lat = link(cluster, c.tp * c.dp * c.pp)
+    size = c.micro * sh.seq * sh.hidden * tr.w / (c.tp if c.sp else 1)
+    return 2 * m * c.vpp * (lat + size / bw)
+
+
+def optimizer_time(params: int, c: Choice, tr: Training, cluster: Cluster) -> float:
+    """Memory-bound AdamW over this rank's partition: grad, master, 2 moments read, master,
+    moments and the working copy written."""
+    elements = params / (c.dp if c.zero >= 1 else 1)
+    return OPTIMIZER_PASSES * elements * (28 + tr.w) / cluster.gpu.hbm
+
+
+# --------------------------------------------------------------------------- step
+
+
+@dataclass(slots=True)
+class Timing:
+    """Seconds per step by part, then throughput."""
+
+    compute: float
+    tp: float
+    bubble: float
+    pp: float
+    dp: float
+    optimizer: float
+    step: float
+    samples_per_s: float
+    tokens_per_s: float
+    mfu: float
+    bubble_share: float
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [("compute", self.compute), ("tensor-parallel all-reduce", self.tp),
+                ("pipeline bubble", self.bubble), ("pipeline sends", self.pp),
+                ("data-parallel reduce (exposed)", self.dp), ("optimizer step", self.optimizer)]
+
+
+def rate(sh: Shape, c: Choice, cluster: Cluster, efficiency: float) -> float:
+    """Achievable FLOP/s of one GPU for this model and stage."""
+    eff = efficiency * (1.0 if sh.flash else LOCAL_ATTENTION)
+    return cluster.gpu.tflops * 1e12 * eff / (ZERO3_SLOWDOWN if c.zero == 3 else 1.0)
+
+
+def estimate(sh: Shape, c: Choice, tr: Training, cluster: Cluster, counts: list[int],
+             efficiency: float) -> Timing:
+    """Step time and throughput of layout ``c`` (``counts``: layers per virtual stage)."""
+    m, world = c.grad_acc(tr.global_batch), cluster.world
+    layers = max(rank_layers(counts, c.pp, r) for r in range(c.pp))
+    imbalance = layers * c.pp / sh.layers
+    compute = hardware_flops(sh, tr.global_batch, c.recompute) / world * imbalance / rate(
+        sh, c, cluster, efficiency)
+    tp = tp_comm(sh, c, tr, cluster, layers, m)
+    bubble = (compute + tp) * bubble_overhead(c.pp, m, c.vpp)
+    params = numel(stage_tensors(sh, c.tp, layers, True, c.pp == 1, c.pp))
+    dp = dp_comm(c, tr, cluster, params, m)
+    hidden = 0.5 * compute if tr.overlap_comm and c.zero >= 1 else 0.0
+    parts = [compute, tp, bubble, pp_comm(sh, c, tr, cluster, m), max(0.0, dp - hidden),
+             optimizer_time(params, c, tr, cluster)]
+    step = sum(parts)
+    peak = world * cluster.gpu.tflops * 1e12
+    return Timing(*parts, step=step, samples_per_s=tr.global_batch / step,
+                  tokens_per_s=tr.global_batch * sh.seq / step,
+                  mfu=model_flops(sh, tr.global_batch) / step / peak,
+                  bubble_share=bubble / step)

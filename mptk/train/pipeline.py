@@ -1,0 +1,134 @@
+"""The pp>1 step: megatron-core's pipeline schedule (1F1B, or interleaved with vpp), then
+DeepSpeed reduces gradients over dp and takes the optimizer step.
+
+Order inside one step (fixed):
+1. the schedule runs ``grad_acc`` micro-batches forward and backward through every stage; the
+   loss of each micro-batch is divided by ``grad_acc`` by the schedule;
+2. tied embedding gradients are summed between the first and last stage (megatron's
+   ``finalize_model_grads`` would, but it expects megatron's DDP wrapper);
+3. ``engine.allreduce_gradients()`` averages over dp — exactly once per step (DeepSpeed runs with
+   ``gradient_accumulation_steps=1`` here, so every step is a boundary);
+4. the global gradient norm over tp x pp is computed (and, at ZeRO-0, applied as clipping);
+5. ``engine.step()``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mptk.compat.cpu import device_scope
+from mptk.train.step import dp_mean, dp_sums, grad_norm, to_device
+
+
+def chunks_of(engine) -> list[torch.nn.Module]:
+    """The model chunks on this rank (a ModuleList when there are virtual stages)."""
+    module = engine.module
+    return list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+
+
+class Clock:
+    """Seconds spent inside the schedule's p2p calls vs the whole schedule."""
+
+    def __init__(self):
+        self.p2p = 0.0
+
+
+def forward_step_fn(recipe, collect: list):
+    """megatron's ``forward_step_func``: next batch -> (output, loss_func)."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output, reduce = recipe.forward(model, batch)
+
+        def loss_func(out):
+            loss, metrics = reduce(out)
+            collect.append((loss.detach().clone(), metrics))
+            return loss, {"loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def run_schedule(engine, recipe, batches: list[dict], cfg, forward_only: bool) -> list:
+    """All micro-batches through the pipeline; returns [(loss, metrics)] on the last stage."""
+    chunks, collect = chunks_of(engine), []
+    with device_scope():
+        get_forward_backward_func()(
+            forward_step_func=forward_step_fn(recipe, collect),
+            data_iterator=[iter(batches) for _ in chunks], model=chunks,
+            num_microbatches=len(batches), seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size, forward_only=forward_only)
+    return collect
+
+
+def sync_tied_embeddings(engine) -> None:
+    """Sum the tied word-embedding gradient between the first and last pipeline stage."""
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
+        return
+    chunks = chunks_of(engine)
+    holder = chunks[0] if ps.is_pipeline_first_stage(ignore_virtual=True) else chunks[-1]
+    if not getattr(holder, "share_embeddings_and_output_weights", False):
+        return
+    weight = holder.shared_embedding_or_output_weight()
+    if weight.grad is not None:
+        dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+
+
+def clip_(engine, norm: float, max_norm: float) -> None:
+    """Scale gradients in place when ``norm > max_norm`` (ZeRO-0: they sit in ``.grad``)."""
+    if max_norm <= 0 or norm <= max_norm:
+        return
+    scale = max_norm / (norm + 1e-6)
+    for param in engine.module.parameters():
+        if param.grad is not None:
+            param.grad.mul_(scale)
+
+
+def last_stage_mean(collect: list) -> torch.Tensor:
+    """Mean loss on the last stage, shared with every pp rank (0 elsewhere before the sum)."""
+    value = torch.stack([c[0] for c in collect]).mean() if collect else torch.zeros(())
+    value = value.float().reshape(())
+    dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
+    return value
+
+
+def pipeline_step(engine, recipe, data, step: int, grad_acc: int, device, cfg):
+    """One optimizer step at pp>1; returns (loss averaged over micro-batches and dp, norm)."""
+    batches = [to_device(data.batch(step, m), device) for m in range(grad_acc)]
+    collect = run_schedule(engine, recipe, batches, cfg, forward_only=False)
+    sync_tied_embeddings(engine)
+    engine.allreduce_gradients()
+    norm = grad_norm(engine.module) if engine.zero_optimization_stage() == 0 else None
+    if norm is not None:
+        clip_(engine, norm, cfg.optim.grad_clip)
+    engine.step()
+    norm = norm if norm is not None else float(engine.get_global_grad_norm())
+    return dp_mean(last_stage_mean(collect)), norm
+
+
+@torch.no_grad()
+def pipeline_evaluate(engine, recipe, data, device, cfg) -> dict:
+    """Held-out loss (and the recipe's summary) through a forward-only schedule."""
+    engine.eval()
+    batches = [to_device(b, device) for b in data.eval_batches()]
+    collect = run_schedule(engine, recipe, batches, cfg, forward_only=True)
+    engine.train()
+    sums = {}
+    for _, metrics in collect:
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    sums = _share_from_last_stage(sums)
+    return {"eval_loss": dp_mean(last_stage_mean(collect)), **recipe.eval_summary(dp_sums(sums))}
+
+
+def _share_from_last_stage(sums: dict) -> dict:
+    box = [sums]
+    last = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[-1]
+    dist.broadcast_object_list(box, src=last, group=ps.get_pipeline_model_parallel_group())
+    return box[0]

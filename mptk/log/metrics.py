@@ -30,7 +30,7 @@ def format_line(row: dict) -> str:
     parts = [f"step {row['step']}/{row['steps']}"]
     fmt = {"loss": "{:.4f}", "eval_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
            "eval_top1": "{:.3f}", "tokens_per_s": "{:,.0f}", "images_per_s": "{:,.1f}",
-           "step_time_s": "{:.3f}", "rss_mb": "{:,.0f}"}
+           "bubble_measured": "{:.2f}", "bubble_theory": "{:.2f}", "step_time_s": "{:.3f}", "rss_mb": "{:,.0f}"}
     for key, pattern in fmt.items():
         if row.get(key) is not None:
             parts.append(f"{key} {pattern.format(row[key])}")
@@ -56,6 +56,12 @@ class Metrics:
             self.printer(format_line(row))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "steps"}, step=row["step"])
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The W&B run id (None when W&B is off, and on ranks other than 0); checkpoints keep
+        it so a resumed run continues the same W&B run."""
+        return self.wandb.id if self.wandb is not None else None
 
     def close(self) -> None:
         if self.wandb is not None:

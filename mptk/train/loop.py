@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -17,8 +17,11 @@ from mptk.log.metrics import Metrics
 from mptk.log.noise import quiet
 from mptk.models import registry
 from mptk.compat.cpu import device_scope
-from mptk.train.pipeline import pipeline_evaluate, pipeline_step
+from mptk.train.pipeline import (attach_timers, pipeline_evaluate, pipeline_step,
+                                 theoretical_bubble)
 from mptk.train.step import evaluate, train_step
+from mptk.launch.exitcodes import REQUEUE_EXIT_CODE  # mptk #4: checkpoints, resume, signals
+from mptk.train import checkpoint, signals  # mptk #4
 
 
 @dataclass(slots=True)
@@ -32,6 +35,10 @@ class Worker:
     data: object
     engine: object
     metrics: Metrics
+    start_step: int = 0
+    """Optimizer steps already done (restored from a checkpoint)."""
+    extra: dict = field(default_factory=dict)
+    """Per-step figures a step function adds to the metrics row (e.g. the pipeline bubble)."""
 
 
 def say(text: str) -> None:
@@ -96,11 +103,16 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
     model = build_model(recipe, cfg, layout, device, backend)
     if prepare_model is not None:
         prepare_model(model)
+    plan = checkpoint.prepare(cfg, layout, model)  # mptk #4: pick resume ckpt / init_from weights
     say(f"model {cfg.model.recipe}: {parameter_count(model):,} parameters on this rank")
     if layout.pp > 1:
         say("pipeline stages (layers per virtual stage): " + str(list(layout.stage_layers)))
     engine = ds.initialize(model, cfg, layout)
-    return Worker(cfg, layout, device, recipe, data, engine, Metrics(cfg, groups.rank() == 0))
+    if layout.pp > 1:
+        attach_timers(engine)
+    start = checkpoint.restore(engine, plan, cfg.run_dir)  # mptk #4: optimizer, RNG, step
+    return Worker(cfg, layout, device, recipe, data, engine, Metrics(cfg, groups.rank() == 0),
+                  start)
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -121,15 +133,19 @@ def memory_mb(device: torch.device) -> float:
 def row(w: Worker, step: int, loss: float, norm: float, lr: float, seconds: float) -> dict:
     """One metrics.jsonl record (``step`` counts completed optimizer steps)."""
     units = w.cfg.train.global_batch_size * w.recipe.units_per_sample(w.cfg.model)
-    return {"step": step, "steps": w.cfg.train.steps, "loss": loss, "lr": lr,
-            "grad_norm": norm, f"{w.recipe.units}_per_s": units / seconds,
-            "step_time_s": seconds, "rss_mb": memory_mb(w.device)}
+    record = {"step": step, "steps": w.cfg.train.steps, "loss": loss, "lr": lr,
+              "grad_norm": norm, f"{w.recipe.units}_per_s": units / seconds,
+              "step_time_s": seconds, "rss_mb": memory_mb(w.device)}
+    if w.layout.pp > 1:
+        record["bubble_theory"] = theoretical_bubble(w.layout.pp, w.layout.vpp, w.layout.grad_acc)
+    return record
 
 
 def one_step(w: Worker, step: int) -> tuple[float, float]:
     """pp=1: the engine runs micro-batches itself; pp>1: megatron's pipeline schedule."""
     if w.layout.pp > 1:
-        return pipeline_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device, w.cfg)
+        return pipeline_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device,
+                             w.cfg, stats=w.extra)
     return train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device)
 
 
@@ -144,31 +160,42 @@ def should_eval(cfg: RunConfig, step: int) -> bool:
     return step == cfg.train.steps or (interval > 0 and step % interval == 0)
 
 
-def train(w: Worker) -> None:
-    """The loop: steps, a metrics line every ``log_interval``, held-out eval."""
+def train(w: Worker) -> bool:
+    """The loop: steps, a metrics line every ``log_interval``, held-out eval, checkpoints.
+    Returns True when a stop signal ended it early (after a checkpoint)."""
     cfg = w.cfg
-    for step in range(cfg.train.steps):
+    for step in range(w.start_step, cfg.train.steps):
         start, lr = time.perf_counter(), w.engine.get_lr()[0]
         loss, norm = one_step(w, step)
         record = row(w, step + 1, loss, norm, lr, time.perf_counter() - start)
+        record.update(w.extra)
+        w.extra.clear()
         if should_eval(cfg, step + 1):
             record.update(one_eval(w))
         log_now = (step + 1) % cfg.train.log_interval == 0 or "eval_loss" in record
         w.metrics.log(record, console=log_now)
+        if checkpoint.maybe_save(w, step + 1):  # mptk #4: saves when due; True after a signal
+            return True
+    return False
 
 
 def run(cfg: RunConfig, env: DistEnv) -> None:
     """Entry of every worker; ends the process (see :func:`groups.finish`)."""
     quiet()
+    signals.install()  # mptk #4: SIGTERM/SIGUSR1 -> finish the step, save, exit 3
     code = 1
     try:
         worker = setup(cfg, env)
-        train(worker)
+        stopped = train(worker)
         worker.metrics.close()
-        say(f"done: {cfg.train.steps} steps; metrics in {cfg.run_dir}/metrics.jsonl")
-        code = 0
+        if stopped:  # mptk #4
+            say(f"stopped by a signal; checkpoint saved; exit {REQUEUE_EXIT_CODE} (requeue)")
+            code = REQUEUE_EXIT_CODE
+        else:
+            say(f"done: {cfg.train.steps} steps; metrics in {cfg.run_dir}/metrics.jsonl")
+            code = 0
     finally:
-        groups.finish(code) if code == 0 else _abort(code)
+        groups.finish(code) if code in (0, REQUEUE_EXIT_CODE) else _abort(code)
 
 
 def _abort(code: int) -> None:

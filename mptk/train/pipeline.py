@@ -31,11 +31,65 @@ def chunks_of(engine) -> list[torch.nn.Module]:
     return list(module) if isinstance(module, torch.nn.ModuleList) else [module]
 
 
-class Clock:
-    """Seconds spent inside the schedule's p2p calls vs the whole schedule."""
+class _Span:
+    def __init__(self, totals: dict, name: str):
+        self.totals, self.name, self.t0 = totals, name, None
+
+    def start(self, barrier: bool = False) -> None:
+        self.t0 = time.perf_counter()
+
+    def stop(self, barrier: bool = False) -> None:
+        if self.t0 is not None:
+            self.totals[self.name] = self.totals.get(self.name, 0.0) + time.perf_counter() - self.t0
+            self.t0 = None
+
+
+class PhaseTimers:
+    """Stands in for megatron's ``Timers`` (``config.timers``): the schedule and the p2p layer
+    call ``timers(name).start()/stop()`` around compute and every send/receive."""
 
     def __init__(self):
-        self.p2p = 0.0
+        self.totals: dict[str, float] = {}
+        self.spans: dict[str, _Span] = {}
+
+    def __call__(self, name: str, log_level: int | None = None) -> _Span:
+        if name not in self.spans:
+            self.spans[name] = _Span(self.totals, name)
+        return self.spans[name]
+
+    def take(self) -> dict[str, float]:
+        """Totals since the last call, then reset."""
+        totals, self.totals = self.totals, {}
+        for span in self.spans.values():
+            span.totals = self.totals
+        return totals
+
+
+def attach_timers(engine) -> PhaseTimers:
+    """One PhaseTimers shared by this rank's chunks."""
+    timers = PhaseTimers()
+    for chunk in chunks_of(engine):
+        chunk.config.timers = timers
+    return timers
+
+
+def theoretical_bubble(pp: int, vpp: int, micro_batches: int) -> float:
+    """Megatron's bubble fraction: (p-1)/(m+p-1); interleaved (p-1)/(v*m) (of ideal time)."""
+    if vpp > 1:
+        return (pp - 1) / (vpp * micro_batches)
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
+def bubble_stats(timers: PhaseTimers, schedule_s: float) -> dict:
+    """Seconds waiting in p2p per stage (gathered over pp) as a fraction of the schedule."""
+    totals = timers.take()
+    wait = sum(v for k, v in totals.items() if "send" in k or "recv" in k)
+    mine = torch.tensor([wait, schedule_s], dtype=torch.float64)
+    gathered = [torch.zeros_like(mine) for _ in range(ps.get_pipeline_model_parallel_world_size())]
+    dist.all_gather(gathered, mine, group=ps.get_pipeline_model_parallel_group())
+    fractions = [float(g[0] / g[1]) if g[1] > 0 else 0.0 for g in gathered]
+    return {"p2p_wait_s": [float(g[0]) for g in gathered], "bubble_by_stage": fractions,
+            "bubble_measured": sum(fractions) / len(fractions)}
 
 
 def forward_step_fn(recipe, collect: list):
@@ -98,10 +152,17 @@ def last_stage_mean(collect: list) -> torch.Tensor:
     return value
 
 
-def pipeline_step(engine, recipe, data, step: int, grad_acc: int, device, cfg):
-    """One optimizer step at pp>1; returns (loss averaged over micro-batches and dp, norm)."""
+def pipeline_step(engine, recipe, data, step: int, grad_acc: int, device, cfg, stats=None):
+    """One optimizer step at pp>1; returns (loss averaged over micro-batches and dp, norm).
+    ``stats``, a dict, receives the measured bubble when given."""
     batches = [to_device(data.batch(step, m), device) for m in range(grad_acc)]
+    timers = getattr(chunks_of(engine)[0].config, "timers", None)
+    if isinstance(timers, PhaseTimers):
+        timers.take()  # drop what evaluation recorded
+    start = time.perf_counter()
     collect = run_schedule(engine, recipe, batches, cfg, forward_only=False)
+    if stats is not None and isinstance(timers, PhaseTimers):
+        stats.update(bubble_stats(timers, time.perf_counter() - start))
     sync_tied_embeddings(engine)
     engine.allreduce_gradients()
     norm = grad_norm(engine.module) if engine.zero_optimization_stage() == 0 else None

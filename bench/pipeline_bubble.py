@@ -51,6 +51,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.plot(ms, [r["bubble_theory"] for r in results], "s--", label="(p-1)/(m+p-1)")
     ax.set(xscale="log", xticks=ms, xticklabels=ms, xlabel="micro-batches per step (m)",
            ylabel="bubble fraction", title="pp=4, 1F1B, 4 CPU processes")
+    ax.minorticks_off()
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

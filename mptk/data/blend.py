@@ -123,8 +123,8 @@ def split_vector(split: Any) -> list[float]:
     except (TypeError, ValueError):
         parts = []
     if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"data.split({split!r}) must be up to 3 non-negative shares, "
-                         f"e.g. [969,30,1] (train, valid, test)")
+        raise ValueError(f"data.split({split!r}) must be 1 to 3 non-negative shares with a "
+                         f"positive sum, e.g. [969,30,1] (train, valid, test)")
     parts += [0.0] * (3 - len(parts))
     return [p / sum(parts) for p in parts]
 
@@ -175,8 +175,9 @@ def check_meta(blend: Blend, vocab_size: int) -> Optional[dict]:
     return metas[0] if metas else None
 
 
-def problems(items: list, split: Any) -> list[str]:
-    """Preflight lines for ``data.blend`` / ``data.split`` (an empty blend is the default)."""
+def problems(items: list, split: Any, vocab_size: Optional[int] = None) -> list[str]:
+    """Preflight lines for ``data.blend`` / ``data.split`` (an empty blend is the default),
+    and, given ``vocab_size``, for the datasets' tokenizers (from their sidecars)."""
     out = []
     try:
         split_vector(split)
@@ -190,9 +191,20 @@ def problems(items: list, split: Any) -> list[str]:
         return out + [str(err)]
     missing = missing_files(blend)
     if missing:
-        out.append(f"data.blend names missing files: {missing[:4]}; "
-                   f"make them with `mptk-data preprocess`")
-    return out
+        return out + [f"data.blend names missing files: {missing[:4]}; "
+                      f"make them with `mptk-data preprocess`"]
+    return out or _file_problems(blend, split, vocab_size)  # needs a valid split
+
+
+def _file_problems(blend: Blend, split: Any, vocab_size: Optional[int]) -> list[str]:
+    """Document counts per split and, given ``vocab_size``, tokenizer sidecars."""
+    try:
+        check_documents(blend, split)
+        if vocab_size is not None:
+            check_meta(blend, vocab_size)
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 # ---------------------------------------------------------------------------------------

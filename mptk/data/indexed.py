@@ -199,7 +199,8 @@ def _build_stdlib(folder: Path, cfg: RunConfig, files: list[Path], vocab_size: i
     texts = corpus.read_documents(files, int(cfg.data.max_chars))
     order = np.random.default_rng(STDLIB_SHUFFLE_SEED).permutation(len(texts))
     texts = [texts[i] for i in order]
-    n_train = blends.split_ranges(len(texts), cfg.data.split)[0][1]
+    train_range = blends.split_ranges(len(texts), cfg.data.split)[0] or (0, len(texts))
+    n_train = max(1, train_range[1])
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
     try:
         tok = tokenizer.train_bpe(texts[:n_train], vocab_size, tmp / "tokenizer.json")

@@ -253,14 +253,25 @@ def preprocess(docs: Iterable[tuple[str, int]], tok: Tokenizer, prefix: str | Pa
         docs = list(docs)
         total_bytes = sum(n for _, n in docs)
     summary, builder = Summary(prefix), IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    with _progress(progress) as bar:
-        task = bar.add_task("tokenize", total=total_bytes, docs="")
-        tasks = _counting(chunks(docs), summary)
-        _write(builder, _encoded(tasks, tok, eod, dtype, workers), summary, bar, task)
-    builder.finalize(tmp + ".idx")
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task("tokenize", total=total_bytes, docs="")
+            tasks = _counting(chunks(docs), summary)
+            _write(builder, _encoded(tasks, tok, eod, dtype, workers), summary, bar, task)
+        builder.finalize(tmp + ".idx")
+    except BaseException:
+        builder.data_file.close()
+        _remove(tmp + ".bin", tmp + ".idx")
+        raise
     summary.seconds = time.perf_counter() - start
     _publish(tmp, prefix, _meta(tok, eod, dtype, summary, sources))
     return summary
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def _counting(tasks: Iterator, summary: Summary) -> Iterator:
@@ -280,6 +291,7 @@ def _meta(tok: Tokenizer, eod: int, dtype, summary: Summary, sources) -> dict:
 
 def _publish(tmp: str, prefix: str, meta: dict) -> None:
     """Rename the temporary .bin/.idx into place, then write the meta file."""
+    _remove(prefix + META_SUFFIX)  # a stale sidecar must not vouch for the new files
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
     Path(prefix + META_SUFFIX).write_text(json.dumps(meta, indent=2) + "\n")

@@ -27,12 +27,12 @@ class GPTConfig(ModelConfig):
 def build(cfg: GPTConfig, ctx: registry.ModelContext) -> GPTModel:
     """This stage's part of the GPT (the whole model at pp=1)."""
     return GPTModel(
-        config=megatron.transformer_config(cfg, ctx.tp, ctx.pp, ctx.dtype),
+        config=megatron.config_for(cfg, ctx),
         transformer_layer_spec=megatron.layer_spec(cfg),
         vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
         pre_process=ctx.pre_process, post_process=ctx.post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type=cfg.position_embedding.value,
+        position_embedding_type=cfg.position_embedding.value, vp_stage=ctx.vp_stage,
     )
 
 
@@ -43,18 +43,28 @@ def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
                       diagonal=1)[None, None]
 
 
-def loss(model: GPTModel, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Mean next-token cross-entropy over the micro-batch."""
+def forward(model: GPTModel, batch: dict):
+    """This stage's output (per-token losses on the last stage) and the function reducing it
+    to ``(loss, metrics)`` — the pipeline schedule calls the latter on the last stage only."""
     tokens, labels = batch["tokens"], batch["labels"]
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    per_token = model(tokens, positions, causal_mask(tokens.shape[1], tokens.device),
-                      labels=labels)
-    value = per_token.float().mean()
-    return value, {"tokens": tokens.numel()}
+    output = model(tokens, positions, causal_mask(tokens.shape[1], tokens.device), labels=labels)
+    return output, lambda per_token: (per_token.float().mean(), {"tokens": tokens.numel()})
+
+
+def loss(model: GPTModel, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy over the micro-batch."""
+    output, reduce = forward(model, batch)
+    return reduce(output)
 
 
 def data(cfg: RunConfig, layout, log=print):
-    """Token data for this run (the tokenizer is trained to ``model.vocab_size``)."""
+    """Token data for this run: megatron indexed datasets for ``data.source=indexed``, else
+    the token cache (the tokenizer is trained to ``model.vocab_size``)."""
+    if cfg.data.source.value == "indexed":
+        from mptk.data.indexed import IndexedData
+
+        return IndexedData.prepare(cfg, layout, cfg.model.vocab_size, log=log)
     from mptk.data.source import TokenData
 
     return TokenData.prepare(cfg, layout, cfg.model.vocab_size, log=log)
@@ -63,12 +73,18 @@ def data(cfg: RunConfig, layout, log=print):
 def checks(cfg: RunConfig) -> list[str]:
     """GPT-specific preflight lines."""
     problems = []
-    if cfg.model.vocab_size < 260 and cfg.data.source.value in ("stdlib", "files"):
+    source = cfg.data.source.value
+    trains_bpe = source in ("stdlib", "files") or (source == "indexed" and not cfg.data.blend)
+    if cfg.model.vocab_size < 260 and trains_bpe:
         problems.append(f"model.vocab_size({cfg.model.vocab_size}) < 260: a byte-level BPE "
                         f"needs 256 bytes + specials; use model.vocab_size>=512")
+    if source == "indexed":
+        from mptk.data import blend
+
+        problems += blend.problems(cfg.data.blend, cfg.data.split, cfg.model.vocab_size)
     return problems
 
 
 RECIPE = registry.register(registry.Recipe(
-    name="gpt", config=GPTConfig, build=build, loss=loss, data=data, checks=checks,
+    name="gpt", config=GPTConfig, build=build, loss=loss, forward=forward, data=data, checks=checks,
     units="tokens"))

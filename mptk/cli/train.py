@@ -24,8 +24,22 @@ def checked(dcfg: DictConfig) -> tuple[RunConfig, int]:
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     env = detect()
     world = env.world_size if env else cfg.launcher.nproc_per_node
-    preflight(cfg, world, torch.cuda.is_available())
+    layout = preflight(cfg, world, torch.cuda.is_available())
+    check_memory(cfg, layout)
     return cfg, world
+
+
+def check_memory(cfg: RunConfig, layout) -> None:
+    """GPU runs: refuse a layout mptk-plan predicts will not fit (``MPTK_PLAN_CHECK=0`` skips)."""
+    import os
+
+    from mptk.plan import predict_fits
+
+    if os.environ.get("MPTK_PLAN_CHECK", "1") == "0":
+        return
+    fits, reason = predict_fits(cfg, layout, getattr(cfg, "cluster", None))
+    if not fits:
+        raise PreflightError([f"memory: {reason} (MPTK_PLAN_CHECK=0 skips this check)"])
 
 
 def train(dcfg: DictConfig) -> None:

@@ -30,15 +30,17 @@ class GPU:
     """Intra-node GPU-to-GPU bandwidth per direction, bytes/s."""
     ib: float
     """Inter-node bandwidth per GPU per direction, bytes/s."""
-    efficiency: float = 0.40
+    efficiency: float = 0.34
     """Fraction of peak a transformer layer reaches (see :data:`EFFICIENCY`)."""
 
 
-EFFICIENCY = 0.40
-"""Achievable fraction of peak for mptk's path (SDPA attention, DeepSpeed around a
-megatron-core GPT). Measured on H200 (../shared/STACK_NOTES.md, GPT 1.3B shape, bf16):
-DeepSpeed ZeRO-1 + fused AdamW + overlap_comm 368 TF/s = 0.37 of 989; megatron DDP + SDPA
-402 = 0.41. Stock megatron local attention reached 212 (0.21): see :data:`LOCAL_ATTENTION`."""
+EFFICIENCY = 0.34
+"""Achievable fraction of peak for mptk's path (SDPA attention, DeepSpeed with a torch AdamW
+around a megatron-core GPT), from H200 measurements of that path (../shared/STACK_NOTES.md,
+GPT 1.3B shape, bf16, micro-batch 4): DeepSpeed ZeRO-0 334 TF/s = 0.34 of 989; ZeRO-1 316
+(0.32); ZeRO-1 with fused AdamW and overlap_comm 368 (0.37). One card, one shape: the GPU
+check in docs/planner.md recalibrates it. Stock megatron local attention reached 212 TF/s
+(see :data:`LOCAL_ATTENTION`)."""
 
 LOCAL_ATTENTION = 212 / 396
 """Throughput ratio of megatron's stock attention to SDPA (STACK_NOTES: 212 vs 396 TF/s)."""

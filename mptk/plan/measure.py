@@ -5,16 +5,19 @@ What is counted (unique tensor storages, so views into DeepSpeed's flat buffers 
 padding included):
 
 - params: the working-precision parameters (ZeRO-3: the rank's ``ds_tensor`` partitions);
-- grads: ZeRO-0 the module gradients at the optimizer step; ZeRO-1 the module gradients when
-  the boundary's reduction starts (ZeRO-1 keeps full gradients); ZeRO-2 the fp32 gradient
-  partition DeepSpeed hands the optimizer (``single_partition_of_fp32_groups[i].grad``, summed
-  over groups); ZeRO-3 the gradient partition buffer (``grad_partitions_flat_buffer``);
+- grads (bytes of the gradient tensors themselves): ZeRO-0 the module gradients at the
+  optimizer step; ZeRO-1 the module gradients when the boundary's reduction starts (ZeRO-1
+  keeps full gradients); ZeRO-2 the fp32 gradient partition DeepSpeed hands the optimizer
+  (``single_partition_of_fp32_groups[i].grad``, summed over groups; it can be a view into the
+  ``grads_in_partition`` staging buffer, which is not counted); ZeRO-3 the gradient
+  partition buffer (``grad_partitions_flat_buffer``);
 - master: fp32 copies the torch optimizer updates that are not the module's parameters
   (``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``);
 - optim: every tensor in the torch optimizer's ``state`` (moments, ``step`` scalars).
 
 DeepSpeed's transient buffers (gradient buckets, ZeRO-2's ``grads_in_partition`` staging) are
-not model states and are not counted here. Only pp=1 layouts and the GPT/ViT recipes.
+not model states and are not counted here. Only pp=1 layouts and the GPT/ViT recipes. Runs where training would (CPU
+with gloo, or the GPU with NCCL: ``train.device``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import multiprocessing as mp
 import pickle
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,10 +42,16 @@ STAGES = (0, 1, 2, 3)
 
 
 def predicted(cfg, tp: int, dp: int, stage: int) -> dict[str, float]:
-    """The planner's model-state bytes for one rank of a pp=1 layout."""
-    sh = shape_of(cfg.model)
+    """The planner's model-state bytes for one rank of a pp=1 layout, by the measured
+    definitions: at ZeRO-2 a 16-bit run's optimizer steps on an fp32 copy of the gradient
+    partition, which the planner books under buffers (the ZeRO paper's 2 bytes stay the
+    gradient): it is moved back to gradients here."""
+    sh, tr = shape_of(cfg.model), training_of(cfg)
     tensors = stage_tensors(sh, tp, sh.layers, True, True, 1)
-    return model_states(tensors, dp, stage, training_of(cfg)).as_dict()
+    states = model_states(tensors, dp, stage, tr)
+    if stage == 2 and tr.w < 4:
+        states.grads *= 4 / tr.w
+    return states.as_dict()
 
 
 # --------------------------------------------------------------------------- counting
@@ -79,9 +89,11 @@ class Probe:
         if self._reduce is not None:
             zero.reduce_gradients = self._wrapped_reduce
 
-    def _grads(self, params) -> dict[int, int]:
+    def _grads(self, params) -> dict[tuple[int, int], int]:
+        """Bytes of each gradient tensor (not its storage: DeepSpeed may hand the optimizer a
+        partition that is a view into a larger staging buffer)."""
         grads = [p.grad for p in params if p.grad is not None]
-        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in grads
+        return {(t.data_ptr(), t.numel()): t.numel() * t.element_size() for t in grads
                 if t.device.type != "meta" and t.numel()}
 
     def _wrapped_step(self, *args, **kwargs):
@@ -151,35 +163,50 @@ def synthetic_batch(cfg, generator: torch.Generator) -> dict:
     return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
 
 
-def _train(engine, recipe, cfg, probe: Probe, grad_acc: int, steps: int) -> None:
+def _train(engine, recipe, cfg, probe: Probe, grad_acc: int, steps: int, device) -> None:
     """``steps`` optimizer steps; the probe records during the last one."""
     generator = torch.Generator().manual_seed(cfg.train.seed)
     for step in range(steps):
         probe.active = step == steps - 1
         for _ in range(grad_acc):
-            loss, _ = recipe.loss(engine, synthetic_batch(cfg, generator))
+            batch = {k: v.to(device) for k, v in synthetic_batch(cfg, generator).items()}
+            loss, _ = recipe.loss(engine, batch)
             engine.backward(loss)
             engine.step()
 
 
-def measure_stage(cfg, layout, stage: int, steps: int = 1) -> dict:
+def measure_stage(cfg, layout, stage: int, steps: int = 1, device=torch.device("cpu"),
+                  backend: str = "gloo") -> dict:
     """One engine at ZeRO ``stage`` on this rank: predicted and measured bytes."""
     from mptk.engine import deepspeed as ds
     from mptk.models import registry
     from mptk.train.loop import build_model
 
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     cfg = copy.deepcopy(cfg)
     cfg.zero.stage = stage
     recipe = registry.get(cfg.model.recipe)
-    model = build_model(recipe, cfg, layout, torch.device("cpu"), "gloo")
+    model = build_model(recipe, cfg, layout, device, backend)
     engine = ds.initialize(model, cfg, layout)
     probe = Probe(engine)
-    _train(engine, recipe, cfg, probe, layout.grad_acc, steps)
+    _train(engine, recipe, cfg, probe, layout.grad_acc, steps, device)
     measured = held(probe, stage)
     probe.remove()
     del engine, probe
     gc.collect()
-    return row(cfg, layout, stage, predicted(cfg, layout.tp, layout.dp, stage), measured)
+    out = row(cfg, layout, stage, predicted(cfg, layout.tp, layout.dp, stage), measured)
+    return {**out, **_device_peak(device), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _device_peak(device) -> dict:
+    """On a GPU: the allocator's peak during this stage (activations and buffers included)."""
+    if device.type != "cuda":
+        return {"device": device.type}
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"device": torch.cuda.get_device_name(device), "cuda_max_allocated": peak}
 
 
 def row(cfg, layout, stage: int, pred: dict, meas: dict) -> dict:
@@ -200,10 +227,12 @@ def measure_rank(env, cfg, stages=STAGES, steps: int = 1) -> list[dict]:
     from mptk.log.noise import quiet
 
     quiet()
-    layout = preflight(cfg, env.world_size, False)
-    groups.init(env, layout.tp, layout.pp, torch.device("cpu"), "gloo", cfg.train.seed,
+    layout = preflight(cfg, env.world_size, torch.cuda.is_available())
+    device = groups.resolve_device(cfg.train.device)
+    backend = groups.resolve_backend(cfg.launcher.backend, device)
+    groups.init(env, layout.tp, layout.pp, device, backend, cfg.train.seed,
                 getattr(layout, "vpp", None))
-    return [measure_stage(cfg, layout, stage, steps) for stage in stages]
+    return [measure_stage(cfg, layout, stage, steps, device, backend) for stage in stages]
 
 
 def _child(cfg, env, stages, steps, out: Path) -> None:

@@ -189,18 +189,19 @@ def _moments(elements: float, tensors: int, optimizer: str) -> float:
 def stage0(t: Tensors, tr: Training) -> States:
     """No partitioning: every rank holds everything (DeepSpeed keeps an fp32 master only
     for 16-bit runs)."""
-    n, k = numel(t), tensor_count(t)
+    n = numel(t)
     master = 0 if tr.w == 4 else 4 * n
     return States(params=tr.w * n, grads=tr.w * n, master=master,
-                  optim=_moments(n, k if tr.w == 4 else len(param_groups(t)), tr.optimizer))
+                  optim=_moments(n, tensor_count(t), tr.optimizer))
 
 
 def stage12(t: Tensors, dp: int, stage: int, tr: Training) -> States:
     """ZeRO-1/2: flat padded parameter groups; fp32 master and states partitioned; gradients
-    full at ZeRO-1 (held until the boundary's reduction), the fp32 partition at ZeRO-2."""
+    full at ZeRO-1 (held until the boundary's reduction), partitioned at ZeRO-2 (16-bit runs
+    also up-cast each group's partition at the step: a buffer, :func:`buffers`)."""
     groups = param_groups(t)
     part = sum(_aligned(g, dp) // dp for g in groups)
-    grads = tr.w * numel(t) if stage == 1 else 4 * part
+    grads = tr.w * (numel(t) if stage == 1 else part)
     return States(params=tr.w * sum(_aligned(g, dp) for g in groups), grads=grads,
                   master=4 * part, optim=_moments(part, len(groups), tr.optimizer))
 
@@ -294,16 +295,20 @@ def head_bytes(sh: Shape, micro: int, tp: int) -> float:
 # --------------------------------------------------------------------------- buffers
 
 
-def buffers(stage: int, tr: Training, stage_params: int, largest_layer: int) -> float:
-    """DeepSpeed's temporaries: ZeRO-1/2 gradient bucket(s) of ``reduce_bucket_size``
-    elements (two with overlap_comm); ZeRO-0 flattens gradients for its all-reduce (bounded by
-    the model); ZeRO-3 a reduce bucket plus an all-gathered layer (plus the next, prefetched)."""
-    bucket = min(tr.reduce_bucket, max(stage_params, 1)) if stage == 0 else tr.reduce_bucket
+def buffers(stage: int, tr: Training, stage_params: int, largest_layer: int, dp: int = 1) -> float:
+    """DeepSpeed's temporaries: ZeRO-0 flattens gradients for its all-reduce (bounded by the
+    bucket); ZeRO-1/2 gradient bucket(s) of ``reduce_bucket_size`` elements (two with
+    overlap_comm); ZeRO-3 a reduce bucket plus an all-gathered layer and the next one
+    (prefetch). 16-bit runs at ZeRO-2/3 add the fp32 copy of the gradient partition made at
+    the step (one group at a time; bounded here by the whole partition)."""
     if stage == 0:
-        return tr.w * bucket
-    if stage in (1, 2):
-        return tr.w * bucket * (2 if tr.overlap_comm else 1)
-    return tr.w * (tr.reduce_bucket + 2 * largest_layer)
+        return tr.w * min(tr.reduce_bucket, stage_params) if dp > 1 else 0.0
+    if stage == 1:
+        return tr.w * tr.reduce_bucket * (2 if tr.overlap_comm else 1)
+    upcast = 4 * stage_params / dp if tr.w < 4 else 0.0
+    if stage == 2:
+        return tr.w * tr.reduce_bucket * (2 if tr.overlap_comm else 1) + upcast
+    return tr.w * (tr.reduce_bucket + 2 * largest_layer) + upcast
 
 
 # --------------------------------------------------------------------------- breakdown
@@ -320,6 +325,12 @@ class Memory:
     reserve: float
     rank: int = 0
     """Pipeline rank this breakdown is for (the worst one)."""
+    params: int = 0
+    """Parameters this rank holds (before ZeRO partitioning)."""
+    layers: int = 0
+    """Transformer layers on this rank."""
+    micro_batches: float = 1.0
+    """Micro-batches of activations held at once (in flight x interleaving factor)."""
 
     def total(self) -> float:
         return self.states.total() + self.activations + self.head + self.buffers + self.reserve
@@ -377,8 +388,8 @@ def rank_memory(sh: Shape, c: Choice, tr: Training, counts: list[int], rank: int
     held = in_flight(c.pp, c.grad_acc(tr.global_batch), rank) * interleave_factor(c.pp, c.vpp)
     return Memory(states=model_states(t, c.dp, c.zero, tr), activations=layers * per_layer * held,
                   head=head_bytes(sh, c.micro, c.tp) if last else 0.0,
-                  buffers=buffers(c.zero, tr, numel(t), largest_layer(sh, c.tp)),
-                  reserve=reserve, rank=rank)
+                  buffers=buffers(c.zero, tr, numel(t), largest_layer(sh, c.tp), c.dp),
+                  reserve=reserve, rank=rank, params=numel(t), layers=layers, micro_batches=held)
 
 
 def worst_memory(sh: Shape, c: Choice, tr: Training, counts: list[int], reserve: float,

@@ -1,0 +1,244 @@
+"""mptk-plan: memory, time and search against published formulas and figures, the preflight
+and megatron-core's own parameter counts (CPU exactness of model states: tests/dist)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from mptk.config.load import compose
+from mptk.plan import Choice, choice_of, plan, predict_fits
+from mptk.plan import measure, memory, perf
+from mptk.plan import search as s
+from mptk.plan.hardware import GPUS, Cluster, from_device_name, gpu
+
+GPT3_175B = ["model=gpt_1p3b", "model.num_layers=96", "model.hidden_size=12288",
+             "model.num_attention_heads=96", "model.vocab_size=51200", "train.dtype=bf16"]
+
+
+@pytest.fixture(scope="module")
+def big():
+    return compose(["model=gpt_1p3b", "train.dtype=bf16", "train.micro_batch_size=4",
+                    "train.global_batch_size=512", "parallel.tp=1", "zero=zero1"])
+
+
+# --------------------------------------------------------------------------- published figures
+
+
+@pytest.mark.parametrize("stage, gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_75b_on_64_gpus(stage, gb):
+    """ZeRO paper (Rajbhandari et al. 2020) Fig. 1: 7.5B parameters, 64 GPUs, K = 12."""
+    assert round(memory.zero_paper(7.5e9, 64, stage) / 1e9, 1) == gb
+    tensors = Counter({(7_500_000_000, True): 1})
+    states = memory.model_states(tensors, 64, stage, memory.Training(w=2))
+    assert round(states.total() / 1e9, 1) == gb
+
+
+def test_fp32_bytes_per_param():
+    """fp32 AdamW: 4+4+8 at ZeRO-0; DeepSpeed clones an fp32 master at ZeRO>=1: 4+4+12/N."""
+    t, tr = Counter({(1000, True): 1}), memory.Training(w=4)
+    assert memory.model_states(t, 4, 0, tr).total() == 16 * 1000 + 4
+    assert memory.model_states(t, 4, 1, tr).as_dict() == {
+        "params": 4000, "grads": 4000, "master": 1000, "optim": 2000 + 4, "total": 11004}
+
+
+def test_korthikanti_table2():
+    s_, b, h, a, t = 2048, 1, 12288, 96, 8
+    sbh = s_ * b * h
+    assert memory.korthikanti(s_, b, h, a) == sbh * (34 + 5 * a * s_ / h)
+    assert memory.korthikanti(s_, b, h, a, t) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s_ / (h * t)))
+    assert memory.korthikanti(s_, b, h, a, t, sp=True) == pytest.approx(sbh / t * (34 + 5 * a * s_ / h))
+    assert memory.korthikanti(s_, b, h, a, t, True, "selective") == pytest.approx(34 * sbh / t)
+    assert memory.korthikanti(s_, b, h, a, t, True, "full") == 2 * sbh / t
+
+
+def test_korthikanti_5x_for_530b():
+    """Paper's headline: sequence parallel + selective recompute cut activations ~5x (530B,
+    s 2048, h 20480, a 128, t 8) against tensor parallelism alone."""
+    tp_only = memory.korthikanti(2048, 1, 20480, 128, 8)
+    both = memory.korthikanti(2048, 1, 20480, 128, 8, True, "selective")
+    assert 4.8 < tp_only / both < 5.1
+
+
+def test_pipeline_memory_rules():
+    assert memory.in_flight(pp=4, micro_batches=16) == 4  # 1F1B: first stage holds pp
+    assert [memory.in_flight(4, 16, r) for r in range(4)] == [4, 3, 2, 1]
+    assert memory.in_flight(8, 2) == 2  # never more than the step's micro-batches
+    assert memory.interleave_factor(4, 2) == 1 + 3 / 8
+
+
+def test_megatron_bubble_formulas():
+    p, m = 8, 32
+    assert perf.bubble_fraction(p, m) == (p - 1) / (m + p - 1)
+    assert perf.bubble_overhead(p, m) == (p - 1) / m
+    assert perf.bubble_overhead(p, m, v=4) == (p - 1) / (4 * m)
+    ov = perf.bubble_overhead(p, m)  # share of the step = overhead / (1 + overhead)
+    assert ov / (1 + ov) == pytest.approx(perf.bubble_fraction(p, m))
+
+
+def test_megatron_flops_formula():
+    sh = memory.Shape("gpt", layers=96, hidden=12288, heads=96, kv_heads=96, ffn=4 * 12288,
+                      seq=2048, vocab=51200)
+    B, s_, l, h, V = 1536, 2048, 96, 12288, 51200
+    assert perf.model_flops(sh, B) == pytest.approx(perf.megatron_flops(B, s_, l, h, V), rel=1e-12)
+    full = 96 * B * s_ * l * h * h * (1 + s_ / (6 * h) + V / (16 * l * h))  # Narayanan et al. 2021
+    assert perf.hardware_flops(sh, B, "full") == pytest.approx(full, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize("overrides, count", [
+    (["model=gpt_tiny"], 1_334_016),
+    (["model=gpt_small"], 124_475_904),  # GPT-2 small's 124,439,808 with vocab 50304
+    (["experiment=vit_digits"], 102_282),
+    (["model=gpt_tiny", "model.activation=swiglu", "model.normalization=RMSNorm",
+      "model.num_query_groups=2", "model.position_embedding=rope", "model.tie_embeddings=false"],
+     2_038_912),
+])
+def test_param_counts_equal_megatron(overrides, count):
+    """Counts measured on megatron-core 0.16.1 models built by the recipes (sum of numel)."""
+    assert memory.total_params(memory.shape_of(compose(overrides).model)) == count
+
+
+def test_tp_ranks_split_matrices():
+    sh = memory.shape_of(compose(["model=gpt_tiny"]).model)
+    one, two = (memory.numel(memory.stage_tensors(sh, t, sh.layers, True, True)) for t in (1, 2))
+    assert two < one < 2 * two  # replicated norms, biases and positions
+
+
+def test_odd_model_exercises_padding():
+    """The dist test's model: DeepSpeed's alignment padding is non-zero at dp 4."""
+    sh = memory.Shape("gpt", layers=2, hidden=60, heads=4, kv_heads=4, ffn=240, seq=31, vocab=514)
+    t, tr = memory.stage_tensors(sh, 2, 2, True, True), memory.Training(w=4)
+    assert memory.model_states(t, 4, 1, tr).params > 4 * memory.numel(t)
+    assert memory.model_states(t, 4, 3, tr).params > 4 * memory.numel(t) / 4
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def test_plan_breakdown(big):
+    p = plan(big, Cluster(4, 8, gpu("h100")))
+    assert p.choice == Choice(tp=1, pp=1, dp=32, zero=1, micro=4)
+    rows = dict(p.memory.rows())
+    assert rows["weights"] == rows["gradients"] == 2 * 1_311_625_216
+    assert p.fits and p.verdict().startswith("fits")
+    assert 0 < p.timing.mfu < gpu("h100").efficiency
+    assert p.timing.tokens_per_s == pytest.approx(512 * 2048 / p.timing.step)
+
+
+def test_predict_fits_cpu_and_gpu(big):
+    cpu = compose(["train.device=cpu"])
+    layout = s.configured(cpu, choice_of(cpu, 4), 4)
+    assert predict_fits(cpu, _layout(2, 1, 2), None) == (True, "CPU run: GPU memory not planned")
+    assert layout.parallel.tp == cpu.parallel.tp
+    ok, why = predict_fits(big, _layout(1, 1, 32), Cluster(4, 8, gpu("h100")))
+    assert ok and "fits" in why
+    huge = compose(GPT3_175B + ["zero=zero0", "parallel.tp=8", "train.global_batch_size=8",
+                                "train.micro_batch_size=1"])
+    ok, why = predict_fits(huge, _layout(8, 1, 1), Cluster(1, 8, gpu("h100")))
+    assert not ok and why.startswith("does not fit")
+
+
+def _layout(tp, pp, dp):
+    from mptk.config.preflight import Layout
+
+    return Layout(tp=tp, pp=pp, dp=dp, grad_acc=1, world=tp * pp * dp)
+
+
+def test_predict_fits_unknown_gpu(big):
+    class Profile:
+        nodes, gpus_per_node = 4, 8
+
+    if torch.cuda.is_available():
+        pytest.skip("a visible GPU is used as the GPU type")
+    ok, why = predict_fits(big, _layout(1, 1, 32), Profile())
+    assert ok and "GPU type unknown" in why
+
+
+# --------------------------------------------------------------------------- search
+
+
+@pytest.fixture(scope="module")
+def found(big):
+    return s.search(big, Cluster(64, 8, gpu("h100")), top=10)
+
+
+def test_search_ranks_by_tokens_per_s(found):
+    speeds = [p.timing.tokens_per_s for p in found.ranked]
+    assert found.ranked and speeds == sorted(speeds, reverse=True)
+    assert all(p.fits for p in found.ranked)
+
+
+def test_top_layouts_pass_the_preflight(big, found):
+    """Whatever the planner offers, the training preflight accepts (same world)."""
+    for p in found.ranked[:10]:
+        assert s.explain(big, p.choice, 512) == [], p.choice
+
+
+def test_overrides_select_the_layout(big, found):
+    best = found.ranked[0]
+    extra = [o for o in s.overrides(big, best.choice) if not o.startswith("#")]
+    again = compose(["model=gpt_1p3b", "train.dtype=bf16", "train.global_batch_size=512", *extra])
+    assert choice_of(again, 512) == best.choice
+
+
+def test_why_quotes_the_preflight():
+    cfg = compose(["model=gpt_small", "train.global_batch_size=96", "train.micro_batch_size=1"])
+    result = s.search(cfg, Cluster(1, 8, gpu("a100")))
+    rows = {reason: lines for reason, _, _, lines in s.why(cfg, result, 8)}
+    assert any("model.num_attention_heads(12)" in line
+               for line in rows["tp does not divide the attention heads"])
+
+
+def test_search_4096_gpus_runs():
+    """The speed figure is printed by bench/plan_speed.py; here only that it completes."""
+    cfg = compose(GPT3_175B + ["train.global_batch_size=1536"])
+    result = s.search(cfg, Cluster(512, 8, gpu("h100")), s.Knobs(recompute=True, sp=True))
+    assert result.ranked and result.evaluated > 1000
+
+
+# --------------------------------------------------------------------------- hardware, CLI
+
+
+def test_gpu_table():
+    assert (gpu("H100").tflops, gpu("h200").tflops, gpu("a100").tflops) == (989.0, 989.0, 312.0)
+    assert gpu("h200").memory > 139 * 2**30 > gpu("h100").memory > 79 * 2**30
+    assert from_device_name("NVIDIA H100 80GB HBM3") is GPUS["h100"]
+    with pytest.raises(KeyError, match="known"):
+        gpu("v100")
+
+
+def test_cli_split_overrides():
+    from mptk.cli.plan import split_overrides
+
+    keep, own = split_overrides(["model=gpt_small", "cluster.gpu=h100", "cluster.nodes=2"])
+    assert own["gpu"] == "h100" and "cluster.gpu=h100" not in keep and "model=gpt_small" in keep
+
+
+def test_cli_exit_codes(capsys):
+    from mptk.cli.plan import run
+
+    args = ["model=gpt_1p3b", "train.dtype=bf16", "train.global_batch_size=64",
+            "train.micro_batch_size=1", "cluster.gpu=h100", "--gpus-per-node", "8"]
+    assert run(args + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is True
+    assert run(args + ["model.num_layers=200", "zero=zero0", "parallel.tp=1"]) == 1
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_cli_needs_gpu_type():
+    from mptk.cli.plan import UsageError, run
+
+    with pytest.raises(UsageError, match="GPU type unknown"):
+        run(["--gpus-per-node", "8"])
+
+
+def test_storage_bytes_counts_views_once():
+    flat = torch.zeros(100)
+    views = [flat[:40], flat[40:], torch.empty(3, device="meta"), torch.zeros(0)]
+    assert measure.storage_bytes(views) == 400

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Bring up a one-node Slurm on this machine (Debian's slurm-wlm): munge, slurmctld and slurmd,
-# all as root, with the node declared with more CPUs than it has (SlurmdParameters=config_overrides)
-# so a 4-task gloo job fits on a 2-core box. Idempotent: with everything up it returns at once.
+# Bring up Slurm on this machine (Debian's slurm-wlm): munge, slurmctld and slurmd, all as root,
+# the node declared with more CPUs than it has (SlurmdParameters=config_overrides) so a 4-task
+# gloo job fits on a 2-core box. Idempotent: with everything up it returns at once.
 #
-#   bash .ci/slurm_up.sh            # install if needed, configure, start, wait for an idle node
-#   SLURM_CPUS=16 bash .ci/slurm_up.sh
+#   bash .ci/slurm_up.sh                  # one node (`hostname -s`), partition "debug" (default)
+#   SLURM_NODES=2 bash .ci/slurm_up.sh    # plus "nodes" mptk-n1, mptk-n2 in partition "two"
+#   SLURM_CPUS=16 bash .ci/slurm_up.sh    # CPUs declared for the main node (default 8)
+#
+# Two nodes: this Slurm build runs one slurmd per network stack, so each extra node is a network
+# namespace (mptk-n1, mptk-n2: 10.77.0.1/.2 on bridge mptkbr0, host side 10.77.0.254, names in
+# /etc/hosts) running its own slurmd; slurmctld is then addressed as 10.77.0.254 so the
+# namespaces reach it. Tasks there see an interface "eth0" (for GLOO_SOCKET_IFNAME).
 #
 # Why these settings (see shared/STACK_NOTES.md, section Slurm):
 #   ProctrackType=proctrack/linuxproc  no cgroup v1/v2 delegation needed inside a container
@@ -15,17 +21,33 @@
 set -euo pipefail
 
 CPUS=${SLURM_CPUS:-8}
+NODES=${SLURM_NODES:-1}
 NODE=$(hostname -s)
 CONF=/etc/slurm/slurm.conf
 LOG=/var/log/slurm
+BRIDGE=mptkbr0
+NET=10.77.0
+HOST_ADDR=$NET.254
+EXTRA_CPUS=4
 
 log() { echo "slurm_up: $*"; }
 
-node_ready() {
-    command -v sinfo >/dev/null 2>&1 || return 1
+extra_nodes() {  # SLURM_NODES=N (N > 1): namespace nodes mptk-n1 .. mptk-nN
+    local i
+    ((NODES > 1)) || return 0
+    for ((i = 1; i <= NODES; i++)); do echo "mptk-n$i"; done
+}
+
+node_ready() {  # node_ready NAME
     local state
-    state=$(timeout 10 sinfo -h -N -n "$NODE" -o '%t' 2>/dev/null | head -1) || return 1
+    state=$(timeout 10 sinfo -h -N -n "$1" -o '%t' 2>/dev/null | head -1) || return 1
     [[ "$state" == idle* || "$state" == mix* || "$state" == alloc* ]]
+}
+
+all_ready() {
+    command -v sinfo >/dev/null 2>&1 || return 1
+    local n
+    for n in "$NODE" $(extra_nodes); do node_ready "$n" || return 1; done
 }
 
 install_packages() {
@@ -39,14 +61,13 @@ install_packages() {
     apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
 }
 
-write_conf() {
-    mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG" /run/slurm
-    local tmp
-    tmp=$(mktemp)
-    cat >"$tmp" <<CONF
-# Written by .ci/slurm_up.sh: one node ($NODE), everything as root, no cgroups, no accounting.
+render_conf() {
+    local ctld=$NODE n i=0
+    if ((NODES > 1)); then ctld="$NODE($HOST_ADDR)"; fi
+    cat <<CONF
+# Written by .ci/slurm_up.sh: $NODES node(s), everything as root, no cgroups, no accounting.
 ClusterName=mptk
-SlurmctldHost=$NODE
+SlurmctldHost=$ctld
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -65,24 +86,75 @@ MinJobAge=3600
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=/run/slurm/slurmctld.pid
-SlurmdPidFile=/run/slurm/slurmd.pid
+SlurmdPidFile=/run/slurm/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 NodeName=$NODE CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
-    if ! cmp -s "$tmp" "$CONF"; then
-        mv "$tmp" "$CONF"
+    for n in $(extra_nodes); do
+        i=$((i + 1))
+        echo "NodeName=$n NodeAddr=$NET.$i CPUs=$EXTRA_CPUS State=UNKNOWN"
+    done
+    if ((NODES > 1)); then
+        echo "PartitionName=two Nodes=$(extra_nodes | paste -sd,) MaxTime=INFINITE State=UP OverSubscribe=NO"
+    fi
+}
+
+install_conf() {  # install_conf RENDERED_FILE; sets CONF_CHANGED
+    mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG" /run/slurm
+    CONF_CHANGED=0
+    if ! cmp -s "$1" "$CONF"; then
+        cp "$1" "$CONF"
         CONF_CHANGED=1
-    else
-        rm -f "$tmp"
     fi
     chmod 644 "$CONF"
+}
+
+setup_netns() {
+    ((NODES > 1)) || return 0
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add "$BRIDGE" type bridge
+        ip addr add "$HOST_ADDR/24" dev "$BRIDGE"
+    fi
+    ip link set "$BRIDGE" up
+    local n i=0
+    for n in $(extra_nodes); do
+        i=$((i + 1))
+        setup_one_ns "$n" "$NET.$i" "veth-$i"
+        grep -q "^$NET.$i $n\$" /etc/hosts || echo "$NET.$i $n" >>/etc/hosts
+    done
+}
+
+setup_one_ns() {  # setup_one_ns NAME ADDR HOST_SIDE_VETH
+    ip netns list | grep -qw "^$1" || ip netns add "$1"
+    if ! ip link show "$3" >/dev/null 2>&1; then
+        ip link add "$3" type veth peer name "$3-ns"
+        ip link set "$3" master "$BRIDGE"
+        ip link set "$3-ns" netns "$1"
+        ip netns exec "$1" ip link set "$3-ns" name eth0
+        ip netns exec "$1" ip addr add "$2/24" dev eth0
+    fi
+    ip link set "$3" up
+    ip netns exec "$1" ip link set lo up
+    ip netns exec "$1" ip link set eth0 up
+}
+
+netns_or_one_node() {  # the namespace nodes, or (when that fails) NODES=1
+    local ok
+    set +e
+    (set -e; setup_netns)
+    ok=$?
+    set -e
+    if ((ok != 0)); then
+        log "could not set up network namespaces: one node only (the two-node tests will skip)"
+        NODES=1
+    fi
 }
 
 start_munge() {
@@ -97,14 +169,23 @@ start_munge() {
     runuser -u munge -- /usr/sbin/munged
 }
 
-restart_if_changed() {
-    [[ "${CONF_CHANGED:-0}" == 1 ]] || return 0
+stop_if_changed() {
+    [[ "$CONF_CHANGED" == 1 ]] || return 0
     # A new slurm.conf: stop running daemons so they start again with it.
-    local pid
-    for daemon in slurmd slurmctld; do
-        for pid in $(pgrep -x "$daemon" || true); do kill "$pid" || true; done
+    local pid i
+    for pid in $(pgrep -x slurmd || true) $(pgrep -x slurmctld || true); do
+        kill "$pid" || true
     done
-    sleep 1
+    for i in $(seq 1 30); do
+        pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || return 0
+        sleep 1
+    done
+    log "slurm daemons did not stop within 30 s"
+    return 1
+}
+
+slurmd_running() {  # slurmd_running NODENAME
+    [[ -f "/run/slurm/slurmd-$1.pid" ]] && kill -0 "$(cat "/run/slurm/slurmd-$1.pid")" 2>/dev/null
 }
 
 start_daemons() {
@@ -112,40 +193,55 @@ start_daemons() {
         log "starting slurmctld"
         /usr/sbin/slurmctld -i
     fi
-    if ! pgrep -x slurmd >/dev/null; then
-        log "starting slurmd ($CPUS CPUs declared)"
-        /usr/sbin/slurmd
+    if ! slurmd_running "$NODE"; then
+        log "starting slurmd for $NODE ($CPUS CPUs declared)"
+        /usr/sbin/slurmd -N "$NODE"
     fi
+    local n
+    for n in $(extra_nodes); do
+        slurmd_running "$n" && continue
+        log "starting slurmd for $n in network namespace $n ($EXTRA_CPUS CPUs declared)"
+        mkdir -p "/var/spool/slurmd/$n"
+        # nsenter, not `ip netns exec`: that remounts /sys, hiding /sys/fs/cgroup from slurmd
+        nsenter --net="/run/netns/$n" /usr/sbin/slurmd -N "$n"
+    done
 }
 
 wait_idle() {
-    local i
+    local i n
     for i in $(seq 1 60); do
-        if node_ready; then
-            log "node $NODE is up: $(sinfo -h -N -n "$NODE" -o '%N %t cpus=%c')"
+        if all_ready; then
+            log "up: $(sinfo -h -N -o '%N/%P %t cpus=%c' | paste -sd' ')"
             return 0
         fi
-        if (( i == 10 )); then
-            scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
+        if ((i == 10)); then
+            for n in "$NODE" $(extra_nodes); do
+                scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true
+            done
         fi
         sleep 1
     done
-    log "node $NODE did not become idle; sinfo says:"
+    log "nodes did not become idle; sinfo says:"
     sinfo -N -l || true
-    tail -n 20 "$LOG/slurmctld.log" "$LOG/slurmd.log" || true
+    tail -n 20 "$LOG"/*.log || true
     return 1
 }
 
 main() {
-    if node_ready && [[ -f "$CONF" ]] && grep -q "^NodeName=$NODE CPUs=$CPUS " "$CONF"; then
-        log "already up ($(sinfo -h -N -n "$NODE" -o '%N %t cpus=%c'))"
+    RENDERED=$(mktemp)
+    trap 'rm -f "$RENDERED"' EXIT
+    local rendered=$RENDERED
+    render_conf >"$rendered"
+    if cmp -s "$rendered" "$CONF" && all_ready; then
+        log "already up ($(sinfo -h -N -o '%N %t' | paste -sd' '))"
         return 0
     fi
     install_packages
-    CONF_CHANGED=0
-    write_conf
+    netns_or_one_node  # not in a condition: errexit must stay on inside it
+    render_conf >"$rendered"
+    install_conf "$rendered"
     start_munge
-    restart_if_changed
+    stop_if_changed
     start_daemons
     wait_idle
 }

@@ -62,12 +62,21 @@ def check(cfg: RunConfig, world: int) -> None:
     """Cluster problems and preflight, for ``world`` tasks; raises :class:`PreflightError`."""
     problems = slurm.problems(cfg.cluster)
     try:
-        preflight(cfg, world, cuda_available=cfg.cluster.gpus_per_node > 0)
+        layout = preflight(cfg, world, cuda_available=cfg.cluster.gpus_per_node > 0)
+        problems += memory_problems(cfg, layout)
     except PreflightError as err:
         problems += err.problems
     problems += slurm_world(cfg.cluster, world, under_slurm=True)
     if problems:
         raise PreflightError(list(dict.fromkeys(problems)))
+
+
+def memory_problems(cfg: RunConfig, layout) -> list[str]:
+    """mptk-plan's verdict for the allocation (needs ``cluster.gpu``; skipped without it)."""
+    from mptk.plan import predict_fits
+
+    fits, reason = predict_fits(cfg, layout, cfg.cluster)
+    return [] if fits else [f"memory: {reason}"]
 
 
 def render_job(cfg: RunConfig, overrides: list[str], run_dir: Path, python: str) -> Path:
@@ -96,6 +105,9 @@ def submit(args: argparse.Namespace) -> None:
     world = cfg.cluster.nodes * cfg.cluster.tasks_per_node
     check(cfg, world)
     run_dir = run_dir_of(args.overrides)
+    if any(ch.isspace() for ch in str(run_dir)):
+        raise SubmitError(f"run dir {str(run_dir)!r} has whitespace, which #SBATCH --output cannot "
+                          "hold; choose another hydra.run.dir")
     script = render_job(cfg, args.overrides, run_dir, args.python)
     print(f"mptk: script {script}")
     print(f"mptk: {cfg.cluster.nodes} node(s) x {cfg.cluster.tasks_per_node} task(s) = world {world}; "

@@ -63,6 +63,9 @@ PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.models.common.language_module.language_module",
           "weight.data = weight.data.cuda()",
           "tied embeddings at pp>1 move the last stage's copy to CUDA before the all-reduce"),
+    Patch("megatron.core.models.vision.clip_vit_model",
+          "torch.arange(self.seq_length).expand(1, -1).cuda()",
+          "CLIPViTModel puts its position ids on CUDA when built (ViT recipe: device_scope)"),
 )
 
 

@@ -230,6 +230,18 @@ class TrainConfig:
     """Steps between held-out evaluations (0 = only at the end)."""
     eval_batches: int = 4
     """Micro-batches per evaluation."""
+    save_interval: int = 0
+    """Steps between checkpoints in ``run_dir/checkpoints``; 0 = only at the last step,
+    -1 = never periodically nor at the end. SIGTERM/SIGUSR1 always save (then exit 3)."""
+    keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted); 0 = keep all."""
+    resume: str = "auto"
+    """``auto``: continue from the newest complete checkpoint in ``run_dir/checkpoints`` if
+    any; ``none``: start fresh; a path (checkpoint, checkpoints dir or run dir): continue
+    from it (same tp/pp/dp/ZeRO layout) unless this run dir already has its own checkpoints."""
+    init_from: Optional[str] = None
+    """Path of a checkpoint whose weights start this run (any tp/pp layout; fresh optimizer,
+    step 0), e.g. for fine-tuning; ignored once this run dir has its own checkpoints."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -294,6 +306,8 @@ class ClusterConfig:
     """Tasks per node (``--ntasks-per-node``): one training process per GPU, started by srun."""
     gpus_per_node: int = 0
     """GPUs per node (``--gpus-per-node``); 0 = CPU tasks; else must equal ``tasks_per_node``."""
+    gpu: Optional[str] = None
+    """GPU type for mptk-plan and the memory check (h100, h200, a100, ...); None = unchecked."""
     cpus_per_task: int = 1
     """CPU cores per task (``--cpus-per-task``): data loading and host-side work."""
     mem: Optional[str] = None

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import socket
 import time
 
 from mptk.config.schema import RunConfig
 from mptk.dist.env import DistEnv
+from mptk.launch.exitcodes import REQUEUE_EXIT_CODE
 from mptk.log.noise import quiet
 
 # A spawned worker imports this module first (it holds the process target), before the
@@ -36,13 +39,29 @@ def spawn(cfg: RunConfig, nproc: int) -> int:
         master_port=port, launcher="spawn"))) for r in range(nproc)]
     for p in procs:
         p.start()
+    forward_signals(procs)  # mptk #4: SIGTERM/SIGUSR1 reach the workers (they save, exit 3)
     return wait(procs)
+
+
+CLEAN_EXITS = (0, REQUEUE_EXIT_CODE)
+"""Worker exit codes that are not failures: done, or checkpointed after a stop signal."""
+
+
+def forward_signals(procs: list) -> None:
+    """Pass SIGTERM/SIGUSR1 sent to this launcher on to every live worker."""
+    def forward(signum, frame):
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
 
 
 def wait(procs: list) -> int:
     """Wait for all; when one fails, stop the others (they would hang in a collective)."""
     while any(p.is_alive() for p in procs):
-        failed = [p for p in procs if p.exitcode not in (None, 0)]
+        failed = [p for p in procs if p.exitcode not in (None, *CLEAN_EXITS)]
         if failed:
             _stop(procs)
             print(f"mptk: worker {failed[0].name} exited with code {failed[0].exitcode}; "
@@ -50,12 +69,17 @@ def wait(procs: list) -> int:
             return failed[0].exitcode or 1
         time.sleep(0.2)
     codes = [p.exitcode for p in procs]
-    return next((c for c in codes if c != 0), 0)
+    return next((c for c in codes if c not in CLEAN_EXITS), max(codes))  # 3: stopped cleanly
 
 
 def _stop(procs: list) -> None:
+    """SIGTERM, then SIGKILL for workers still alive after 5 s (a worker that notes SIGTERM
+    to save may be stuck in a collective with the failed peer)."""
     for p in procs:
         if p.is_alive():
             p.terminate()
     for p in procs:
-        p.join(timeout=10)
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)

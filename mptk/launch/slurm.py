@@ -60,12 +60,14 @@ class Example:
 
     name: str
     overrides: tuple[str, ...]
+    """Baked into the script; ``cluster.*`` ones also shape its ``#SBATCH`` allocation."""
     description: str
 
 
 EXAMPLES = (
     Example("gpt", (), "GPT (megatron-core + DeepSpeed); default: the quick start, gpt_tiny tp=2 x dp=2"),
-    Example("vit", ("experiment=vit_digits",), "ViT on scikit-learn's 8x8 digits (experiment=vit_digits)"),
+    Example("vit", ("experiment=vit_digits", "cluster.tasks_per_node=2"),
+            "ViT on scikit-learn's 8x8 digits (experiment=vit_digits: 2 processes)"),
 )
 
 
@@ -201,8 +203,12 @@ def job_spec(cluster: ClusterConfig, overrides: list[str], run_dir: str, python:
     )
 
 
-def example_spec(example: Example, cluster: ClusterConfig) -> JobSpec:
-    """The spec of a checked-in example (allocation from ``cluster``, normally local_cpu)."""
+def example_spec(example: Example) -> JobSpec:
+    """The spec of a checked-in example: the allocation of the cluster profile its overrides
+    compose (the primary config's ``local_cpu`` unless they change it)."""
+    from mptk.config.load import compose
+
+    cluster = compose(list(example.overrides)).cluster
     return JobSpec(
         cluster=dataclasses.replace(cluster, job_name=f"mptk-{example.name}"),
         overrides=example.overrides,
@@ -219,27 +225,20 @@ def example_spec(example: Example, cluster: ClusterConfig) -> JobSpec:
     )
 
 
-def write_examples(cluster: ClusterConfig, folder: Path = EXAMPLES_DIR) -> list[Path]:
+def write_examples(folder: Path = EXAMPLES_DIR) -> list[Path]:
     """(Re)write ``slurm/<name>.sbatch`` for every example; returns the paths."""
     paths = []
     for example in EXAMPLES:
         path = folder / f"{example.name}.sbatch"
-        path.write_text(render(example_spec(example, cluster)))
+        path.write_text(render(example_spec(example)))
         path.chmod(0o755)
         paths.append(path)
     return paths
 
 
-def default_cluster() -> ClusterConfig:
-    """The cluster profile of the primary config (``cluster: local_cpu``)."""
-    from mptk.config.load import compose
-
-    return compose([]).cluster
-
-
 def main() -> None:
     """``python -m mptk.launch.slurm``: regenerate the checked-in examples."""
-    for path in write_examples(default_cluster()):
+    for path in write_examples():
         print(f"wrote {path}", file=sys.stderr)
 
 

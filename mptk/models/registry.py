@@ -75,6 +75,8 @@ def names() -> list[str]:
 
 def _import_tree(folder: Path) -> None:
     """Import every package directly under ``folder`` (each is one recipe)."""
+    if str(folder) not in sys.path:  # spawned workers unpickle the recipe's config by name
+        sys.path.append(str(folder))
     for info in pkgutil.iter_modules([str(folder)]):
         if info.name in sys.modules:
             continue

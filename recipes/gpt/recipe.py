@@ -74,6 +74,9 @@ def checks(cfg: RunConfig) -> list[str]:
     """GPT-specific preflight lines."""
     problems = []
     source = cfg.data.source.value
+    if source in ("digits", "image_folder"):
+        problems.append(f"data.source={source} holds images; the GPT recipe needs text: use "
+                        f"data=stdlib, data.source=files or data=indexed")
     trains_bpe = source in ("stdlib", "files") or (source == "indexed" and not cfg.data.blend)
     if cfg.model.vocab_size < 260 and trains_bpe:
         problems.append(f"model.vocab_size({cfg.model.vocab_size}) < 260: a byte-level BPE "

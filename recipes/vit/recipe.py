@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -47,11 +48,14 @@ def layer_spec(cfg: ViTConfig) -> ModuleSpec:
     return spec
 
 
-class ViTClassifier(torch.nn.Module):
-    """Patch embedding from the config, the megatron ViT, then norm + linear on the class token."""
+class ViTClassifier(MegatronModule):
+    """Patch embedding from the config, the megatron ViT, then norm + linear on the class token.
+
+    A ``MegatronModule``, so dist-checkpointing can shard its weights like GPT's.
+    """
 
     def __init__(self, cfg: ViTConfig, config: TransformerConfig):
-        super().__init__()
+        super().__init__(config=config)
         with cpu.device_scope():  # CLIPViTModel puts its position ids on CUDA (.cuda())
             self.backbone = CLIPViTModel(
                 config, layer_spec(cfg), ln_pre_impl=WrappedTorchNorm, add_class_token=True,

@@ -51,7 +51,8 @@ def test_every_experiment_composes_and_passes_preflight(name):
 
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_passes_preflight_with_the_default_layout(model):
-    run = compose([f"model={model}"])
+    data = ["data.source=digits"] if model.startswith("vit") else []  # image recipes need images
+    run = compose([f"model={model}", *data])
     preflight(run, world_size=4, cuda_available=False)
 
 

@@ -1,0 +1,194 @@
+"""``mptk-ckpt``: look into checkpoints and export their weights.
+
+    mptk-ckpt inspect outputs/run                   # newest checkpoint of a run dir
+    mptk-ckpt inspect outputs/run/checkpoints/step_00000300 optim.lr=3e-4   # config diff vs now
+    mptk-ckpt export outputs/run --out gpt.pt       # one fp32 state dict at tp=1 pp=1
+
+PATH is a checkpoint, a ``checkpoints`` dir or a run dir (then its newest intact checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mptk.train import checkpoint as ck
+
+
+class CliError(Exception):
+    """One line for the user; exit code 2."""
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mptk-ckpt", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="step, layout, sizes, integrity, config diff vs now")
+    ins.add_argument("path")
+    ins.add_argument("overrides", nargs="*", help="Hydra overrides composing 'now' for the diff")
+    ins.add_argument("--no-verify", action="store_true", help="skip hashing (sizes only)")
+    exp = sub.add_parser("export", help="consolidated fp32 state dict of the full model")
+    exp.add_argument("path")
+    exp.add_argument("--out", required=True, help="file to write (torch.save of a dict)")
+    return top
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def find(path: str, check: bool = True) -> Path:
+    """The checkpoint PATH names: itself, or the newest intact one below it."""
+    pool = ck.resolve(path)
+    if not pool:
+        raise CliError(f"{path}: no checkpoint there; give a checkpoint, checkpoints dir or run dir")
+    for folder in pool:
+        problems = ck.verify(folder) if check else []
+        if not problems:
+            return folder
+        print(f"mptk-ckpt: warning: {folder} is damaged ({'; '.join(problems[:3])})",
+              file=sys.stderr)
+    raise CliError(f"{path}: no intact checkpoint (see the warnings above)")
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""
+
+
+def part_sizes(folder: Path) -> dict[str, int]:
+    """Bytes per top-level part (weights, deepspeed, rng, other)."""
+    sizes: dict[str, int] = {}
+    for name in ck.listing(folder):
+        top = name.split("/")[0] if "/" in name else "other"
+        sizes[top] = sizes.get(top, 0) + (folder / name).stat().st_size
+    return sizes
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+
+
+def config_diff(saved: dict, overrides: list[str]) -> list[str]:
+    """``key: saved -> now`` lines; 'now' is the config composed from ``overrides``."""
+    from mptk.config.load import compose
+    from mptk.log.metrics import config_dict
+
+    now, old = flatten(config_dict(compose(overrides))), flatten(saved)
+    keys = sorted((set(now) | set(old)) - {"run_dir"})
+    return [f"  {k}: {old.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
+            for k in keys if old.get(k, "<absent>") != now.get(k, "<absent>")]
+
+
+def layout_line(layout: dict) -> str:
+    keys = ("tp", "pp", "vpp", "dp", "world", "zero_stage", "dtype", "global_batch_size")
+    return " ".join(f"{k}={layout.get(k)}" for k in keys)
+
+
+def cmd_inspect(args) -> None:
+    folder = find(args.path, check=False)
+    meta = ck.read_json(folder / ck.META)
+    problems = [] if args.no_verify else ck.verify(folder)
+    sizes = part_sizes(folder)
+    latest = ck.read_latest(folder.parent)
+    print(f"checkpoint  {folder}{'  (latest)' if latest == folder.name else ''}")
+    print(f"step        {meta['step']}  ({meta.get('consumed_samples')} samples consumed)")
+    print(f"saved       {meta.get('saved_at')}  torch {meta.get('torch')}  "
+          f"recipe {meta.get('recipe')}")
+    print(f"layout      {layout_line(meta.get('layout', {}))}")
+    print(f"wandb run   {meta.get('wandb_run_id') or '-'}")
+    state = "not checked" if args.no_verify else ("ok" if not problems else
+                                                  "DAMAGED: " + "; ".join(problems[:5]))
+    print(f"integrity   {state}")
+    print("sizes       " + " | ".join(f"{k} {human(v)}" for k, v in sorted(sizes.items()))
+          + f" | total {human(sum(sizes.values()))}")
+    diff = config_diff(ck.read_json(folder / ck.CONFIG), args.overrides)
+    print(f"config diff vs now ({len(diff)} keys){':' if diff else ''}")
+    print("\n".join(diff)) if diff else None
+
+
+# --------------------------------------------------------------------------- export
+
+
+def typed_config(saved: dict):
+    """The saved config.json as a typed RunConfig (the recipe's model schema)."""
+    from omegaconf import OmegaConf
+
+    from mptk.config.load import to_run_config
+    from mptk.config.schema import RunConfig
+    from mptk.models import registry
+
+    node = OmegaConf.structured(RunConfig)
+    node.model = OmegaConf.structured(registry.get(saved["model"]["recipe"]).config)
+    return to_run_config(OmegaConf.merge(node, {k: v for k, v in saved.items() if k != "run_dir"}))
+
+
+def single_process_world(seed: int) -> None:
+    """A one-rank gloo world with tp=1 pp=1 on the CPU."""
+    import torch
+
+    from mptk.dist import groups
+    from mptk.dist.env import DistEnv
+    from mptk.launch.local import free_port
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
+                  master_port=free_port(), launcher="spawn")
+    groups.init(env, 1, 1, torch.device("cpu"), "gloo", seed)
+
+
+def full_model(cfg):
+    """The whole model (tp=1 pp=1) on the CPU, built by the recipe."""
+    import torch
+
+    from mptk.config.preflight import Layout
+    from mptk.models import registry
+    from mptk.train.loop import build_model
+
+    layout = Layout(tp=1, pp=1, dp=1, grad_acc=1, world=1)
+    return build_model(registry.get(cfg.model.recipe), cfg, layout, torch.device("cpu"), "gloo")
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    folder = find(args.path)
+    cfg = typed_config(ck.read_json(folder / ck.CONFIG))
+    cfg.parallel.tp, cfg.parallel.pp = 1, 1
+    single_process_world(cfg.train.seed)
+    model = full_model(cfg)
+    ck.load_weights([model], folder)
+    state = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+             if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, args.out)
+    count = sum(v.numel() for v in state.values())
+    print(f"mptk-ckpt: wrote {args.out}: {len(state)} tensors, {count:,} parameters (fp32, "
+          f"tp=1 pp=1) from {folder}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mptk.log.noise import quiet
+
+    quiet()
+    args = parser().parse_args(argv)
+    try:
+        {"inspect": cmd_inspect, "export": cmd_export}[args.command](args)
+    except (CliError, ck.CheckpointError, ValueError, KeyError) as err:
+        print(f"mptk-ckpt: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if args.command == "export":
+        from mptk.dist import groups
+
+        groups.finish(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,66 +9,30 @@ FLOPs and activation memory (Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
-from mptk.config.schema import Activation, ModelConfig
+from mptk.config.schema import ModelConfig
+from mptk.plan import perf
+from mptk.plan.memory import Shape, korthikanti, numel, shape_of, stage_tensors
 
 
 class PartitionError(ValueError):
     """A stage list that cannot work, explained on one line."""
 
 
-@dataclass(frozen=True, slots=True)
-class Shape:
-    """The model dimensions the cost model needs."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    seq: int
-    vocab: int
-    gated: bool
-    tied: bool
-
-
-def shape_of(model: ModelConfig) -> Shape:
-    h = model.hidden_size
-    return Shape(layers=model.num_layers, hidden=h, heads=model.num_attention_heads,
-                 kv_heads=model.num_query_groups or model.num_attention_heads,
-                 ffn=model.ffn_hidden_size or 4 * h, seq=model.seq_length,
-                 vocab=getattr(model, "vocab_size", 0),
-                 gated=model.activation is Activation.swiglu,
-                 tied=getattr(model, "tie_embeddings", False))
-
-
-def layer_params(m: Shape) -> int:
-    qkv = m.hidden * (m.hidden + 2 * m.hidden * m.kv_heads // m.heads)
-    mlp = m.hidden * m.ffn * (3 if m.gated else 2)
-    biases = qkv // m.hidden + m.hidden + m.ffn * (2 if m.gated else 1) + m.hidden
-    return qkv + m.hidden * m.hidden + mlp + biases + 4 * m.hidden
-
-
 def layer_flops(m: Shape) -> float:
-    """Forward FLOPs of one layer for one sample."""
-    return 2 * m.seq * layer_params(m) + 4 * m.seq * m.seq * m.hidden
+    """Forward FLOPs of one layer for one sample (matmuls + attention core)."""
+    return sum(perf._layer_forward(m))
 
 
 def head_flops(m: Shape) -> float:
     """Output layer + softmax cross-entropy, one sample."""
-    return 2 * m.seq * m.hidden * m.vocab + 5 * m.seq * m.vocab
+    return perf._head_flops(m) + 5 * m.seq * m.vocab
 
 
 def embedding_flops(m: Shape) -> float:
     """Lookup, position add and the scatter-add of its gradient, one sample (small)."""
     return 4 * m.seq * m.hidden
-
-
-def activation_bytes(m: Shape, micro_batch: int, tp: int) -> float:
-    """Korthikanti et al.: activations of one layer for one micro-batch (no recompute)."""
-    return m.seq * micro_batch * m.hidden * (34 + 5 * m.heads * m.seq / m.hidden) / tp
 
 
 def balanced(m: Shape, stages: int) -> list[int]:
@@ -127,19 +91,18 @@ def megatron_layout(counts: list[int]) -> list[list[str]]:
 
 def describe(model: ModelConfig, pp: int, vpp: Optional[int], spec: Any, micro_batch: int,
              tp: int, micro_batches: int) -> list[dict]:
-    """One row per virtual stage: rank, chunk, layers, parameters, FLOPs, activation memory."""
+    """One row per virtual stage: rank, chunk, layers, parameters (per tp rank), forward
+    GFLOPs per sample, activation memory of the micro-batches in flight (1F1B)."""
     m, counts = shape_of(model), stage_layers(model, pp, vpp, spec)
     rows = []
     for index, n in enumerate(counts):
-        rank, chunk = index % pp, index // pp
-        first, last = index == 0, index == len(counts) - 1
-        params = n * layer_params(m) + first * (m.vocab * m.hidden + m.seq * m.hidden) \
-            + last * (2 * m.hidden + (m.vocab * m.hidden if (pp > 1 or not m.tied) else 0))
+        rank, first, last = index % pp, index == 0, index == len(counts) - 1
         flops = n * layer_flops(m) + first * embedding_flops(m) + last * head_flops(m)
-        in_flight = min(micro_batches, pp - rank)
-        rows.append({"stage": index, "rank": rank, "chunk": chunk, "layers": n,
-                     "params": params // tp, "gflops_per_sample": flops / tp / 1e9,
-                     "act_mb": n * activation_bytes(m, micro_batch, tp) * in_flight / 2**20})
+        act = n * korthikanti(m.seq, micro_batch, m.hidden, m.heads, tp)
+        rows.append({"stage": index, "rank": rank, "chunk": index // pp, "layers": n,
+                     "params": numel(stage_tensors(m, tp, n, first, last, pp)),
+                     "gflops_per_sample": flops / tp / 1e9,
+                     "act_mb": act * min(micro_batches, pp - rank) / 2**20})
     return rows
 
 

@@ -348,6 +348,38 @@ class ClusterConfig:
     """Further sbatch options, one per ``#SBATCH`` line (e.g. ``--constraint=h100``)."""
 
 
+class NanPolicy(Enum):
+    """What a rank does when the loss or the gradient norm is NaN or infinite (mptk #7)."""
+
+    stop = "stop"
+    """Log the rank and step, then exit non-zero (every rank sees the same dp-averaged loss)."""
+    skip = "skip"
+    """Log the rank and step and keep training."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DebugConfig:
+    """Run-time health checks (mptk #7; see docs/observability.md)."""
+
+    nan_policy: NanPolicy = NanPolicy.stop
+    """Reaction to a non-finite loss or gradient norm, checked every step."""
+    hang_timeout_s: float = 1800.0
+    """Seconds without a completed step (eval and checkpoint saves included) before every rank
+    dumps its Python stacks to ``run_dir/hang/rank_<r>.txt`` and exits non-zero; 0 = off."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ProfileConfig:
+    """A torch.profiler window (mptk #7): one Chrome trace per rank in ``run_dir/profile/``."""
+
+    start_step: int = -1
+    """First profiled optimizer step (0-based); negative = profiling off."""
+    end_step: int = -1
+    """Step at which the window closes (exclusive)."""
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """Ranks that profile."""
+
+
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     """One training run: every group, composed by Hydra and converted once at the CLI."""
@@ -364,3 +396,7 @@ class RunConfig:
     """Slurm profile: allocation and fabric variables (used by ``mptk-submit`` and preflight)."""
     run_dir: str = "."
     """Where this run writes; set by the CLI from Hydra's run dir."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    """NaN/Inf policy and hang watchdog (mptk #7)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler window (mptk #7)."""

@@ -115,7 +115,7 @@ def _build(folder: Path, cfg: DataConfig, files: list[Path], vocab_size: int, lo
         "heldout": [t for i, t in enumerate(texts) if i in held],
     }
     tok = tokenizer.train_bpe(split_texts["train"], vocab_size, folder / "tokenizer.json")
-    log(f"mptk: trained byte-level BPE (vocab {tok.get_vocab_size()}) "
+    log(f"trained byte-level BPE (vocab {tok.get_vocab_size()}) "
         f"in {time.perf_counter() - start:.1f}s")
     dtype = token_dtype(tok.get_vocab_size())
     counts = {}
@@ -167,7 +167,7 @@ def prepare(cfg: DataConfig, vocab_size: int, log: Callable[[str], None] = print
     if _is_complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    log(f"mptk: tokenizing {len(files)} {cfg.source.value} files "
+    log(f"tokenizing {len(files)} {cfg.source.value} files "
         f"(first {int(cfg.max_chars):,} chars) into {_pretty(target)}")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
     try:
@@ -176,7 +176,7 @@ def prepare(cfg: DataConfig, vocab_size: int, log: Callable[[str], None] = print
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     meta = load_meta(target)
-    log(f"mptk: {meta['documents']} documents -> {meta['splits']['train']['tokens']:,} train / "
+    log(f"{meta['documents']} documents -> {meta['splits']['train']['tokens']:,} train / "
         f"{meta['splits']['heldout']['tokens']:,} held-out tokens in {meta['seconds']:.1f}s")
     return target
 

@@ -40,15 +40,21 @@ def format_line(row: dict) -> str:
 class Metrics:
     """Rank 0 writes; other ranks hold a no-op instance."""
 
-    def __init__(self, cfg: RunConfig, active: bool, printer=print):
+    def __init__(self, cfg: RunConfig, active: bool, printer=print, layout=None,
+                 rank_printer=None):
         self.active, self.printer, self.wandb = active, printer, None
+        self.rank_printer = rank_printer  # mptk #7: inactive ranks' lines (their rank log)
         self.path = Path(cfg.run_dir) / "metrics.jsonl"
         if active:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.wandb = _wandb_run(cfg)
+            meta = run_meta(layout)  # mptk #7: git revision, versions, layout
+            (self.path.parent / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            self.wandb = _wandb_run(cfg, meta)
 
     def log(self, row: dict, console: bool = True) -> None:
         if not self.active:
+            if console and self.rank_printer is not None:  # mptk #7
+                self.rank_printer(format_line(row))
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -68,7 +74,42 @@ class Metrics:
             self.wandb.finish()
 
 
-def _wandb_run(cfg: RunConfig) -> Optional[Any]:
+def git_revision() -> Optional[str]:
+    """``git rev-parse HEAD`` of the mptk source tree (mptk #7), or None outside a checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict:
+    """Installed versions of the packages a run depends on (mptk #7)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("torch", "megatron-core", "deepspeed", "mptk"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def run_meta(layout=None) -> dict:
+    """Logged once per run (W&B config ``meta``, ``run_dir/meta.json``): git revision, package
+    versions and the parallel layout (mptk #7)."""
+    shape = None
+    if layout is not None:
+        shape = {k: getattr(layout, k) for k in ("world", "tp", "pp", "dp", "vpp", "grad_acc")
+                 if hasattr(layout, k)}
+    return {"git_revision": git_revision(), "versions": versions(), "layout": shape}
+
+
+def _wandb_run(cfg: RunConfig, meta: Optional[dict] = None) -> Optional[Any]:
     """A W&B run writing under ``run_dir/wandb`` (offline unless ``log.wandb.mode=online``)."""
     settings = cfg.log.wandb
     if settings.mode is WandbMode.disabled:
@@ -78,4 +119,5 @@ def _wandb_run(cfg: RunConfig) -> Optional[Any]:
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=settings.project, entity=settings.entity,
                       name=settings.name or Path(cfg.run_dir).name, dir=cfg.run_dir,
-                      mode=settings.mode.value, config=config_dict(cfg))
+                      mode=settings.mode.value,
+                      config={**config_dict(cfg), "meta": meta or {}})  # mptk #7: meta

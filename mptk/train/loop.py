@@ -22,6 +22,7 @@ from mptk.train.pipeline import (attach_timers, pipeline_evaluate, pipeline_step
 from mptk.train.step import evaluate, train_step
 from mptk.launch.exitcodes import REQUEUE_EXIT_CODE  # mptk #4: checkpoints, resume, signals
 from mptk.train import checkpoint, signals  # mptk #4
+from mptk.log import profile, ranklog, report, watchdog  # mptk #7: rank logs, NaN check, hang watchdog
 
 
 @dataclass(slots=True)
@@ -43,8 +44,7 @@ class Worker:
 
 def say(text: str) -> None:
     """Rank 0 speaks on the console."""
-    if groups.rank() == 0:
-        print(f"mptk: {text}", flush=True)
+    ranklog.say(text, groups.rank() == 0)  # mptk #7: also into run_dir/logs/rank_<r>.log
 
 
 def agree_run_dir(run_dir: str) -> str:
@@ -96,6 +96,7 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
     backend = groups.resolve_backend(cfg.launcher.backend, device)
     groups.init(env, layout.tp, layout.pp, device, backend, cfg.train.seed, layout.vpp)
     cfg.run_dir = agree_run_dir(cfg.run_dir)
+    ranklog.setup(cfg.run_dir, groups.rank())  # mptk #7
     say(f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp} grad_acc={layout.grad_acc} "
         f"world={layout.world} on {device.type} ({backend}) launcher={env.launcher}; run dir {cfg.run_dir}")
     recipe = registry.get(cfg.model.recipe)
@@ -111,8 +112,9 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
     if layout.pp > 1:
         attach_timers(engine)
     start = checkpoint.restore(engine, plan, cfg.run_dir)  # mptk #4: optimizer, RNG, step
-    return Worker(cfg, layout, device, recipe, data, engine, Metrics(cfg, groups.rank() == 0),
-                  start)
+    metrics = Metrics(cfg, groups.rank() == 0, printer=ranklog.info, layout=layout,
+                      rank_printer=ranklog.info)  # mptk #7
+    return Worker(cfg, layout, device, recipe, data, engine, metrics, start)
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -164,10 +166,26 @@ def train(w: Worker) -> bool:
     """The loop: steps, a metrics line every ``log_interval``, held-out eval, checkpoints.
     Returns True when a stop signal ended it early (after a checkpoint)."""
     cfg = w.cfg
+    dog = watchdog.Watchdog(cfg.debug.hang_timeout_s, cfg.run_dir, groups.rank()).start()  # mptk #7
+    prof = profile.Window(cfg.profile, cfg.run_dir, groups.rank())  # mptk #7
+    try:
+        return _steps(w, dog, prof)
+    finally:
+        dog.stop()
+        prof.close()
+
+
+def _steps(w: Worker, dog, prof) -> bool:
+    cfg = w.cfg
     for step in range(w.start_step, cfg.train.steps):
+        watchdog.test_hang(step + 1, groups.rank())  # mptk #7: test hook (MPTK_TEST_HANG_*)
         start, lr = time.perf_counter(), w.engine.get_lr()[0]
+        prof.begin(step)  # mptk #7: torch.profiler window (profile.*)
         loss, norm = one_step(w, step)
+        loss = watchdog.test_nan(step + 1, loss)  # mptk #7: test hook (MPTK_TEST_NAN_AT_STEP)
+        watchdog.check_finite(cfg.debug, step + 1, groups.rank(), loss, norm)  # mptk #7
         record = row(w, step + 1, loss, norm, lr, time.perf_counter() - start)
+        prof.end(step)  # mptk #7 (after the timing: writing the trace is not step time)
         record.update(w.extra)
         w.extra.clear()
         if should_eval(cfg, step + 1):
@@ -176,6 +194,7 @@ def train(w: Worker) -> bool:
         w.metrics.log(record, console=log_now)
         if checkpoint.maybe_save(w, step + 1):  # mptk #4: saves when due; True after a signal
             return True
+        dog.beat(step + 1)  # mptk #7
     return False
 
 
@@ -188,6 +207,8 @@ def run(cfg: RunConfig, env: DistEnv) -> None:
         worker = setup(cfg, env)
         stopped = train(worker)
         worker.metrics.close()
+        if groups.rank() == 0:  # mptk #7: run_dir/report.png (never fails the run)
+            report.write(cfg.run_dir)
         if stopped:  # mptk #4
             say(f"stopped by a signal; checkpoint saved; exit {REQUEUE_EXIT_CODE} (requeue)")
             code = REQUEUE_EXIT_CODE

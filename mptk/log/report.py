@@ -1,0 +1,105 @@
+"""The end-of-run report (mptk #7): loss (+ held-out loss), throughput and memory from
+``metrics.jsonl``, plotted into ``run_dir/report.png``, and a short text summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPORT_NAME = "report.png"
+
+
+def read_rows(run_dir: str | Path) -> list[dict]:
+    """metrics.jsonl rows, the last row per step (a resumed run may repeat steps)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return [rows[s] for s in sorted(rows)]
+
+
+def rate_key(rows: list[dict]) -> str | None:
+    """The throughput column (``tokens_per_s``, ``images_per_s``, ...)."""
+    keys = {k for r in rows for k in r if k.endswith("_per_s")}
+    return min(keys) if keys else None
+
+
+def memory_key(rows: list[dict]) -> str | None:
+    return "rss_mb" if any("rss_mb" in r for r in rows) else None
+
+
+def series(rows: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the rows that have ``key``."""
+    pairs = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _panel(ax, rows: list[dict], keys: list[str], title: str) -> None:
+    for key in keys:
+        x, y = series(rows, key)
+        if x:
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=key)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+
+
+def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the three-panel report PNG (default ``run_dir/report.png``); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(run_dir)
+    out = Path(out) if out else Path(run_dir) / REPORT_NAME
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    _panel(axes[0], rows, ["loss", "eval_loss"], "loss")
+    rate = rate_key(rows)
+    _panel(axes[1], rows, [rate] if rate else [], f"throughput ({rate or 'n/a'})")
+    mem = memory_key(rows)
+    _panel(axes[2], rows, [mem] if mem else [], "peak memory (MiB)")
+    fig.suptitle(str(run_dir), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def summary(run_dir: str | Path) -> str:
+    """A few lines: steps, first/last loss, last held-out loss, median throughput, memory."""
+    rows = read_rows(run_dir)
+    if not rows:
+        return f"{run_dir}: no metrics"
+    lines = [f"run {run_dir}: {rows[-1]['step']}/{rows[-1].get('steps', '?')} steps"]
+    _, loss = series(rows, "loss")
+    if loss:
+        lines.append(f"loss {loss[0]:.4f} -> {loss[-1]:.4f}")
+    _, held = series(rows, "eval_loss")
+    if held:
+        lines.append(f"eval_loss (last) {held[-1]:.4f}")
+    rate = rate_key(rows)
+    if rate:
+        lines.append(f"{rate} (median) {_median(series(rows, rate)[1]):,.1f}")
+    if memory_key(rows):
+        lines.append(f"peak rss_mb {max(series(rows, 'rss_mb')[1]):,.0f}")
+    return "\n".join(lines)
+
+
+def write(run_dir: str | Path) -> Path | None:
+    """The end-of-run hook: plot when there are metrics; never raises (a report must not fail
+    a finished run)."""
+    try:
+        return plot(run_dir) if (Path(run_dir) / "metrics.jsonl").exists() else None
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        print(f"mptk: report not written: {exc}", flush=True)
+        return None

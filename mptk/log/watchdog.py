@@ -1,0 +1,112 @@
+"""Run health (mptk #7): a NaN/Inf check on every step's loss and gradient norm, and a hang
+watchdog that dumps every thread's Python stack and exits instead of hanging.
+
+Test hooks (environment variables, read at the step they name; not for production use):
+
+- ``MPTK_TEST_NAN_AT_STEP=k``: step k's loss (1-based, as in metrics.jsonl) becomes NaN.
+- ``MPTK_TEST_HANG_RANK=r`` with ``MPTK_TEST_HANG_AT_STEP=k``: rank r sleeps forever before
+  running step k (1-based), so its peers block in the next collective.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from mptk.config.schema import DebugConfig, NanPolicy
+from mptk.log import ranklog
+
+NONFINITE_EXIT_CODE = 4
+"""Exit code of a rank that stopped on a NaN/Inf loss or gradient norm."""
+HANG_EXIT_CODE = 5
+"""Exit code of a rank whose watchdog saw no step complete within ``debug.hang_timeout_s``."""
+
+TEST_NAN_ENV = "MPTK_TEST_NAN_AT_STEP"
+TEST_HANG_RANK_ENV = "MPTK_TEST_HANG_RANK"
+TEST_HANG_STEP_ENV = "MPTK_TEST_HANG_AT_STEP"
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def test_nan(step: int, loss: float) -> float:
+    """The ``MPTK_TEST_NAN_AT_STEP`` hook: NaN in place of step ``step``'s loss (1-based)."""
+    return float("nan") if _env_int(TEST_NAN_ENV) == step else loss
+
+
+def test_hang(step: int, rank: int) -> None:
+    """The ``MPTK_TEST_HANG_*`` hook: rank r sleeps forever before step k (1-based)."""
+    if _env_int(TEST_HANG_RANK_ENV) == rank and _env_int(TEST_HANG_STEP_ENV) == step:
+        while True:
+            time.sleep(3600)
+
+
+def nonfinite(loss: float, norm: Optional[float]) -> list[str]:
+    """Names of the figures that are NaN or infinite."""
+    figures = {"loss": loss, "grad_norm": norm}
+    return [f"{k}={v}" for k, v in figures.items() if v is not None and not math.isfinite(v)]
+
+
+def check_finite(cfg: DebugConfig, step: int, rank: int, loss: float,
+                 norm: Optional[float]) -> bool:
+    """True when loss and norm are finite; else log rank and step and, under
+    ``nan_policy=stop``, end this process with :data:`NONFINITE_EXIT_CODE`."""
+    bad = nonfinite(loss, norm)
+    if not bad:
+        return True
+    stop = cfg.nan_policy is NanPolicy.stop
+    ranklog.error(f"mptk: error: non-finite {', '.join(bad)} at step {step} on rank {rank} "
+                  f"(debug.nan_policy={cfg.nan_policy.value}: {'stopping' if stop else 'skipping'})")
+    if stop:
+        os._exit(NONFINITE_EXIT_CODE)
+    return False
+
+
+class Watchdog:
+    """A daemon thread per rank: when no :meth:`beat` comes for ``timeout_s`` seconds it writes
+    every thread's stack to ``run_dir/hang/rank_<r>.txt`` and exits the process. Each rank has
+    its own timer, so in a collective hang every rank dumps."""
+
+    def __init__(self, timeout_s: float, run_dir: str, rank: int):
+        self.timeout_s, self.rank = timeout_s, rank
+        self.path = Path(run_dir) / "hang" / f"rank_{rank}.txt"
+        self.last, self.step = time.monotonic(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="mptk-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        if self.timeout_s > 0:
+            self._thread.start()
+        return self
+
+    def beat(self, step: int) -> None:
+        """A step completed."""
+        self.last, self.step = time.monotonic(), step
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        poll = min(1.0, self.timeout_s / 10)
+        while not self._stop.wait(poll):
+            if time.monotonic() - self.last > self.timeout_s:
+                self._fire()
+
+    def _fire(self) -> None:
+        waited = time.monotonic() - self.last
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w") as f:
+            f.write(f"rank {self.rank}: no step completed for {waited:.0f} s "
+                    f"(debug.hang_timeout_s={self.timeout_s:g}); last completed step {self.step}\n")
+            f.flush()
+            faulthandler.dump_traceback(f, all_threads=True)
+        ranklog.error(f"mptk: error: hang on rank {self.rank}: no step completed for {waited:.0f} s "
+                      f"after step {self.step}; stacks in {self.path}")
+        os._exit(HANG_EXIT_CODE)

@@ -1,0 +1,75 @@
+"""mptk #7 through the CLI: a NaN loss stops every rank naming rank and step; per-rank log
+files; a profiler window; a hang makes every rank dump its stacks and exit instead of hanging;
+a SIGKILLed rank ends the run."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from e2e_util import BIN, mptk, tiny
+
+pytestmark = pytest.mark.e2e
+
+TWO_RANKS = ("train=smoke", "train.eval_interval=0", "parallel.tp=1", "launcher.nproc_per_node=2",
+             "zero=zero1")
+
+
+def test_nan_stops_with_rank_and_step_and_rank_logs(tmp_path, cache):
+    run = tmp_path / "run"
+    done = mptk(*tiny(cache), *TWO_RANKS, "train.steps=5", f"hydra.run.dir={run}",
+                "profile.start_step=0", "profile.end_step=2", "profile.ranks=[1]",
+                env={"MPTK_TEST_NAN_AT_STEP": "3"})
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "non-finite loss=nan at step 3 on rank" in done.stderr, done.stderr
+    assert "step 2/5 | loss " in done.stdout and "step 3/5" not in done.stdout
+    logs = {r: (run / "logs" / f"rank_{r}.log").read_text() for r in (0, 1)}
+    for r, text in logs.items():
+        assert f" rank{r} pid=" in text
+        assert f"INFO step 2/5 | loss " in text
+        assert f"ERROR mptk: error: non-finite loss=nan at step 3 on rank {r}" in text
+    assert "layout tp=1 pp=1 dp=2" in logs[0] and "layout tp=1" in done.stdout
+    trace = json.loads((run / "profile" / "rank_1.json").read_text())  # profile window
+    assert trace["traceEvents"] and not (run / "profile" / "rank_0.json").exists()
+
+
+def test_hang_dumps_every_rank_and_exits(tmp_path, cache):
+    run, timeout = tmp_path / "run", 10
+    done = mptk(*tiny(cache), *TWO_RANKS, "train.steps=6", f"debug.hang_timeout_s={timeout}",
+                f"hydra.run.dir={run}", timeout=300,
+                env={"MPTK_TEST_HANG_RANK": "1", "MPTK_TEST_HANG_AT_STEP": "3"})
+    ended = time.time()
+    assert done.returncode != 0, done.stdout + done.stderr
+    last_step = (run / "metrics.jsonl").stat().st_mtime  # step 2 completed
+    assert ended - last_step < 2 * timeout, (ended - last_step, done.stderr)
+    for r in (0, 1):
+        dump = (run / "hang" / f"rank_{r}.txt").read_text()
+        assert f"rank {r}: no step completed" in dump and "last completed step 2" in dump
+        assert 'File "' in dump and "Thread 0x" in dump, dump
+    assert "test_hang" in (run / "hang" / "rank_1.txt").read_text()  # the hung rank's frame
+
+
+def wait_for(predicate, timeout: float) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        assert time.time() < end, "timed out"
+        time.sleep(0.2)
+
+
+def test_sigkill_of_one_rank_ends_the_run(tmp_path, cache):
+    run = tmp_path / "run"
+    log = run / "logs" / "rank_1.log"
+    proc = subprocess.Popen([str(BIN / "mptk-train"), *tiny(cache), *TWO_RANKS, "train.steps=100000",
+                             f"hydra.run.dir={run}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: log.exists() and "step 2/" in log.read_text(), 120)
+        os.kill(int(re.search(r"pid=(\d+)", log.read_text()).group(1)), signal.SIGKILL)
+        killed = time.time()
+        assert proc.wait(timeout=60) != 0 and time.time() - killed < 60
+    finally:
+        proc.kill()

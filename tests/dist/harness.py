@@ -11,6 +11,14 @@ from mptk.dist.env import DistEnv
 from mptk.launch.local import free_port
 
 
+def tiny_overrides(cache: str) -> list[str]:
+    """A GPT small enough for several spawned runs per test on 2 CPU cores."""
+    return ["train=smoke", "log=disabled", "model.num_layers=2", "model.hidden_size=64",
+            "model.num_attention_heads=4", "model.seq_length=32", "model.vocab_size=512",
+            "train.micro_batch_size=2", "train.global_batch_size=8", "train.eval_interval=0",
+            f"data.cache_dir={cache}", "data.max_chars=300000", "optim.warmup_steps=1"]
+
+
 def _child(fn, env: DistEnv, args: tuple, out: Path) -> None:
     import os
 

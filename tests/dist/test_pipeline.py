@@ -74,7 +74,7 @@ def assert_same(ref, got, rtol=1e-5):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_cache):
     """pp=1 runs: tp=1 (losses) and tp=2 (its per-tp-rank initial weights, equal to tp=1's)."""
-    from conftest import tiny_overrides
+    from harness import tiny_overrides
     from mptk.config.load import compose
 
     folder = tmp_path_factory.mktemp("ref")

@@ -60,6 +60,7 @@ def preflight(cfg: RunConfig, world_size: int, cuda_available: bool) -> Layout:
         *_zero(cfg.zero, cfg.parallel),
         *_device(cfg, cuda_available),
         *_train(cfg.train),
+        *checkpoint_problems(cfg.train),
         *_optim(cfg.optim, cfg.train),
         *_data(cfg.data),
         *_recipe(cfg),
@@ -341,3 +342,16 @@ def slurm_world(c: ClusterConfig, world: int, under_slurm: bool | None = None) -
         f"={expected} under Slurm; submit with mptk-submit (it asks Slurm for exactly that) or set "
         "cluster.nodes and cluster.tasks_per_node to the allocation (sbatch --nodes/--ntasks-per-node)"
     ]
+
+
+def checkpoint_problems(t: TrainConfig) -> list[str]:
+    """One line per bad checkpoint setting."""
+    problems = []
+    if t.save_interval < -1:
+        problems.append(f"train.save_interval({t.save_interval}) < -1; use N>0, 0 "
+                        f"(last step only) or -1 (never)")
+    if t.keep_last < 0:
+        problems.append(f"train.keep_last({t.keep_last}) < 0; use 0 (keep all) or more")
+    if not str(t.resume).strip():
+        problems.append("train.resume is empty; use auto, none or a checkpoint path")
+    return problems

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mptk.config.preflight import checkpoint_problems
 from mptk.train import signals
 
 FORMAT_VERSION = 1
@@ -133,7 +134,7 @@ def read_latest(root: Path) -> Optional[str]:
 def resolve(path) -> list[Path]:
     """Checkpoints named by ``path``: a checkpoint, a ``checkpoints`` dir or a run dir."""
     path = Path(path).expanduser()
-    if (path / MANIFEST).is_file() or (path / META).is_file() or step_of(path) is not None:
+    if step_of(path) is not None or (path / MANIFEST).is_file() or (path / WEIGHTS).is_dir():
         return [path]
     return candidates(path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path)
 
@@ -432,19 +433,6 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-def config_problems(train_cfg) -> list[str]:
-    """One line per bad checkpoint setting."""
-    problems = []
-    if train_cfg.save_interval < -1:
-        problems.append(f"train.save_interval({train_cfg.save_interval}) < -1; use N>0, 0 "
-                        f"(last step only) or -1 (never)")
-    if train_cfg.keep_last < 0:
-        problems.append(f"train.keep_last({train_cfg.keep_last}) < 0; use 0 (keep all) or more")
-    if not str(train_cfg.resume).strip():
-        problems.append("train.resume is empty; use auto, none or a checkpoint path")
-    return problems
-
-
 def _set_aside(folder: Path) -> None:
     """Rename a damaged checkpoint of this run (rank 0) so it is neither retried nor overwritten."""
     if _rank() == 0:
@@ -514,7 +502,7 @@ def init_weights(cfg, model: torch.nn.Module) -> Path:
 def prepare(cfg, layout, model: torch.nn.Module) -> Plan:
     """Before DeepSpeed takes ``model``: pick the checkpoint to resume from, or else load
     ``train.init_from`` weights into ``model``. A collective."""
-    problems = config_problems(cfg.train)
+    problems = checkpoint_problems(cfg.train)
     if problems:
         raise CheckpointError("; ".join(problems))
     plan = choose(cfg)

@@ -80,6 +80,12 @@ BAD = {
         {"parallel.pp": 2, "parallel.layers_per_stage": [4, 0]}, 4, False,
         ["parallel.layers_per_stage=[4, 0]: every stage needs >= 1 layer"],
     ),
+    "save interval": (
+        {"train.save_interval": -5}, 4, False, ["train.save_interval(-5) < -1"],
+    ),
+    "keep last": (
+        {"train.keep_last": -1}, 4, False, ["train.keep_last(-1) < 0"],
+    ),
     "vpp without pp": (
         {"parallel.vpp": 2}, 4, False, ["parallel.vpp(2) needs parallel.pp >= 2"],
     ),

@@ -6,8 +6,8 @@ from e2e_util import metrics, mptk
 
 pytestmark = pytest.mark.e2e
 
-# Measured on a 2-core CPU machine (tp=2 x dp=2, ZeRO-1, 300 steps): held-out loss
-# 8.35 at start -> ~4.4 at step 300 (see README). The bar leaves room for float noise.
+# Measured on a 2-core CPU machine (tp=2 x dp=2, ZeRO-1, 300 steps): loss 8.35 at the start,
+# held-out 4.97 / 4.59 / 4.47 at steps 100 / 200 / 300 (see README).
 HELDOUT_LOSS_BAR = 5.0
 
 
@@ -18,6 +18,7 @@ def test_quickstart_default_trains(tmp_path):
     assert "tp=2 pp=1 dp=2" in out.stdout
     rows = metrics(run_dir)
     assert len(rows) == 300
-    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    assert evals[0] > 7.0 > HELDOUT_LOSS_BAR > evals[-1], evals
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]  # steps 100, 200, 300
+    assert rows[0]["loss"] > 8.0  # ln(4096) = 8.3: an untrained model
+    assert evals[-1] < HELDOUT_LOSS_BAR, evals
     assert (run_dir / "wandb").is_dir()  # offline W&B files live in the run dir

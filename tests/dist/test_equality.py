@@ -62,3 +62,32 @@ def test_tp2_dp2_zero2_equals_tp1_dp4(tiny, tmp_path):
         assert result["ds_dp_world"] == 2
         assert result["ds_dp_ranks"] == result["mg_dp_ranks"]
         assert len(result["ds_dp_ranks"]) == 2 and rank in result["ds_dp_ranks"]
+
+
+def test_local_attention_equals_sdpa(tiny, tmp_path):
+    """megatron's stock attention stays selectable through the spec and agrees with SDPA."""
+    common = ("parallel.tp=1", "launcher.nproc_per_node=1", "train.global_batch_size=4",
+              "zero=zero0")
+    sdpa = run_world(train_losses, 1, tiny(*common, "model.attention=sdpa"), 3, tmp=tmp_path)
+    local = run_world(train_losses, 1, tiny(*common, "model.attention=local"), 3, tmp=tmp_path)
+    assert_same(sdpa[0], local[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("offload", [
+    ("zero=zero1", "zero.offload_optimizer=true"),
+    ("zero=zero3", "zero.offload_optimizer=true", "zero.offload_params=true"),
+], ids=["zero1-optimizer", "zero3-optimizer-params"])
+def test_offload_equals_zero0(tiny, tmp_path, offload):
+    common = ("parallel.tp=1", "launcher.nproc_per_node=2")
+    ref = run_world(train_losses, 2, tiny(*common, "zero=zero0"), 3, tmp=tmp_path)
+    got = run_world(train_losses, 2, tiny(*common, *offload), 3, tmp=tmp_path)
+    assert_same(ref[0], got[0], rtol=1e-5)
+
+
+def test_bf16_tracks_fp32(tiny, tmp_path):
+    """bf16 on CPU (ZeRO-1, dp=2) follows the fp32 run within bf16 precision."""
+    common = ("parallel.tp=2", "launcher.nproc_per_node=4", "zero=zero1")
+    ref = run_world(train_losses, 4, tiny(*common), 3, tmp=tmp_path)
+    got = run_world(train_losses, 4, tiny(*common, "train.dtype=bf16"), 3, tmp=tmp_path)
+    np.testing.assert_allclose(got[0]["loss"], ref[0]["loss"], rtol=2e-2)
+    assert got[0]["loss"] != ref[0]["loss"]  # it really ran in bf16

@@ -190,8 +190,20 @@ def time_table(p: Plan) -> Table:
     return t
 
 
+def stage_table(cfg: Any, p: Plan) -> str:
+    """Each pipeline stage's layers, parameters, FLOPs and activations (pp > 1)."""
+    from mptk.models import partition
+
+    c = p.choice
+    rows = partition.describe(cfg.model, c.pp, c.vpp, cfg.parallel.layers_per_stage, c.micro,
+                              c.tp, c.grad_acc(cfg.train.global_batch_size))
+    return "pipeline stages\n" + partition.format_rows(rows)
+
+
 def show_plan(out: Console, cfg: Any, p: Plan) -> None:
     out.print(describe(cfg, p))
+    if p.choice.pp > 1:
+        out.print(stage_table(cfg, p), markup=False, highlight=False)
     out.print(memory_table(p))
     out.print(time_table(p))
     tm = p.timing

@@ -15,7 +15,7 @@ from mptk.dist import groups
 from mptk.dist.env import DistEnv
 from mptk.log.metrics import Metrics
 from mptk.log.noise import quiet
-from mptk.models import registry
+from mptk.models import partition, registry
 from mptk.compat.cpu import device_scope
 from mptk.train.pipeline import (attach_timers, pipeline_evaluate, pipeline_step,
                                  theoretical_bubble)
@@ -108,6 +108,9 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
     say(f"model {cfg.model.recipe}: {parameter_count(model):,} parameters on this rank")
     if layout.pp > 1:
         say("pipeline stages (layers per virtual stage): " + str(list(layout.stage_layers)))
+        say("\n" + partition.format_rows(partition.describe(
+            cfg.model, layout.pp, layout.vpp, list(layout.stage_layers),
+            cfg.train.micro_batch_size, layout.tp, layout.grad_acc)))
     engine = ds.initialize(model, cfg, layout)
     if layout.pp > 1:
         attach_timers(engine)

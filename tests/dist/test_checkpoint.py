@@ -7,7 +7,7 @@ import json
 import pytest
 
 from harness import run_world
-from mptk.config.preflight import PreflightError, preflight
+from mptk.config.preflight import preflight
 from mptk.train import checkpoint as ck
 
 

@@ -26,7 +26,17 @@ def checked(dcfg: DictConfig) -> tuple[RunConfig, int]:
     world = env.world_size if env else cfg.launcher.nproc_per_node
     layout = preflight(cfg, world, torch.cuda.is_available())
     check_memory(cfg, layout)
+    check_checkpoints(cfg)
     return cfg, world
+
+
+def check_checkpoints(cfg: RunConfig) -> None:
+    """Checkpoint settings that refer to the file system, before any process starts."""
+    from mptk.train.checkpoint import startup_problems
+
+    problems = startup_problems(cfg)
+    if problems:
+        raise PreflightError(problems)
 
 
 def check_memory(cfg: RunConfig, layout) -> None:

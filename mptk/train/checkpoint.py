@@ -458,6 +458,23 @@ def first_intact(pool: list[Path], own: bool) -> Plan:
     return plan
 
 
+def startup_problems(cfg) -> list[str]:
+    """What can be told before any process starts: ``resume=none`` over existing checkpoints,
+    a ``resume``/``init_from`` path holding no checkpoint (one line each)."""
+    resume, own = str(cfg.train.resume), candidates(checkpoints_dir(cfg.run_dir))
+    problems = []
+    if resume == "none" and own:
+        problems.append(f"train.resume=none but {own[0]} exists; use a new hydra.run.dir, "
+                        f"delete {own[0].parent} or train.resume=auto")
+    if resume not in ("none", "auto") and not own and not resolve(resume):
+        problems.append(f"train.resume={resume}: no checkpoint there; give a checkpoint, its "
+                        f"checkpoints dir or its run dir")
+    if cfg.train.init_from and not resolve(cfg.train.init_from):
+        problems.append(f"train.init_from={cfg.train.init_from}: no checkpoint there; give a "
+                        f"checkpoint, its checkpoints dir or its run dir")
+    return problems
+
+
 def choose(cfg) -> Plan:
     """The checkpoint to resume from (rank 0 lists, every rank verifies a share)."""
     resume, own = str(cfg.train.resume), candidates(checkpoints_dir(cfg.run_dir))

@@ -30,6 +30,8 @@ def test_cfg_job_prints_composed_config():
     ("parallel.tp=3", "tp(3)*pp(1)=3 does not divide world(4)"),
     ("train.dtype=fp16", "fp16"),
     ("train.global_batch_size=10", "train.global_batch_size(10)"),
+    ("train.init_from=/nonexistent/run", "train.init_from=/nonexistent/run: no checkpoint there"),
+    ("train.resume=/nonexistent/run", "train.resume=/nonexistent/run: no checkpoint there"),
 ])
 def test_bad_input_fails_before_any_process(tmp_path, override, message):
     run_dir = tmp_path / "run"
@@ -70,3 +72,14 @@ def test_same_seed_same_losses(tmp_path, cache):
         assert out.returncode == 0, out.stdout + out.stderr
         runs.append([r["loss"] for r in metrics(tmp_path / name)])
     assert runs[0] == runs[1]
+
+
+def test_resume_none_over_checkpoints_is_refused_and_keeps_them(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    args = (*tiny(cache), "train=smoke", "train.steps=2", "parallel=single",
+            "launcher.nproc_per_node=1", "train.global_batch_size=2", f"hydra.run.dir={run_dir}")
+    assert mptk(*args).returncode == 0
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    out = mptk(*args, "train.resume=none")
+    assert out.returncode == 2 and "train.resume=none but" in out.stderr, out.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mptk.config.schema import DataConfig, DataSource, RunConfig
+from mptk.data.order import global_samples
 
 SPLIT_SEED = 0
 """Seed of the held-out split: fixed, so every run (any ``train.seed``) evaluates the same images."""
@@ -158,11 +159,8 @@ def sample_indices(seed: int, n: int, step: int, micro: int, micro_batch_size: i
     Global sample ``g`` is ``perm(g // n)[g % n]``; step ``s`` covers global samples
     ``s*G .. s*G+G-1`` (G = global batch) whatever the dp / grad-acc split.
     """
-    if not 0 <= dp_rank < dp_size or not 0 <= micro < grad_acc:
-        raise ValueError(f"bad dp_rank {dp_rank}/{dp_size} or micro {micro}/{grad_acc}")
-    base = (step * micro_batch_size * grad_acc * dp_size + micro * micro_batch_size * dp_size
-            + dp_rank * micro_batch_size)
-    epochs, pos = np.divmod(base + np.arange(micro_batch_size), n)
+    samples = global_samples(step, micro, micro_batch_size, grad_acc, dp_rank, dp_size)
+    epochs, pos = np.divmod(np.array(samples), n)
     return np.array([epoch_permutation(seed, n, int(e))[p] for e, p in zip(epochs, pos)],
                     dtype=np.int64)
 

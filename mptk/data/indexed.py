@@ -39,6 +39,7 @@ import torch
 from mptk.config.schema import RunConfig
 from mptk.data import blend as blends
 from mptk.data import corpus, preprocess, tokenizer
+from mptk.data.order import global_samples  # noqa: F401  (also re-exported)
 
 STDLIB_VERSION = 1
 """Bump when the stdlib .bin/.idx layout changes: old caches are then ignored."""
@@ -50,16 +51,6 @@ STDLIB_SHUFFLE_SEED = 0
 # ---------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------
-
-
-def global_samples(step: int, micro: int, micro_batch_size: int, grad_acc: int,
-                   dp_rank: int, dp_size: int) -> list[int]:
-    """Global sample indices of one micro-batch on one dp rank (see the module doc)."""
-    if not 0 <= dp_rank < dp_size or not 0 <= micro < grad_acc:
-        raise ValueError(f"bad dp_rank {dp_rank}/{dp_size} or micro {micro}/{grad_acc}")
-    global_batch = micro_batch_size * grad_acc * dp_size
-    base = step * global_batch + micro * micro_batch_size * dp_size + dp_rank * micro_batch_size
-    return [base + row for row in range(micro_batch_size)]
 
 
 def collate(dataset, indices: list[int]) -> dict[str, torch.Tensor]:

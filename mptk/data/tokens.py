@@ -22,6 +22,7 @@ import torch
 
 from mptk.config.schema import DataConfig, DataSource
 from mptk.data import corpus, tokenizer
+from mptk.data.order import global_samples
 
 FORMAT_VERSION = 1
 """Bump when the cache layout or the tokenization changes: old caches are then ignored."""
@@ -253,12 +254,7 @@ class TokenSampler:
 
     def sample_indices(self, step, micro_index, micro_batch_size, grad_acc, dp_rank, dp_size):
         """Global sample indices of one micro-batch on one dp rank."""
-        if not 0 <= dp_rank < dp_size or not 0 <= micro_index < grad_acc:
-            raise ValueError(f"bad dp_rank {dp_rank}/{dp_size} or micro {micro_index}/{grad_acc}")
-        global_batch = micro_batch_size * grad_acc * dp_size
-        base = (step * global_batch + micro_index * micro_batch_size * dp_size
-                + dp_rank * micro_batch_size)
-        return [base + row for row in range(micro_batch_size)]
+        return global_samples(step, micro_index, micro_batch_size, grad_acc, dp_rank, dp_size)
 
     def batch(self, step: int, micro_index: int, micro_batch_size: int, grad_acc: int,
               dp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:

@@ -264,6 +264,11 @@ class LogConfig:
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """W&B settings."""
+    progress: bool = True
+    """A ``rich`` progress bar with ETA on rank 0's console when it is a terminal."""
+    phase_timers: bool = True
+    """Per-phase step times with min/max over ranks and the straggler at each log step (one
+    small all-gather per log interval)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -308,6 +313,8 @@ class ClusterConfig:
     """GPUs per node (``--gpus-per-node``); 0 = CPU tasks; else must equal ``tasks_per_node``."""
     gpu: Optional[str] = None
     """GPU type for mptk-plan and the memory check (h100, h200, a100, ...); None = unchecked."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s per device for MFU; None = from ``gpu`` or the CUDA device name."""
     cpus_per_task: int = 1
     """CPU cores per task (``--cpus-per-task``): data loading and host-side work."""
     mem: Optional[str] = None

@@ -25,16 +25,37 @@ def config_dict(cfg: RunConfig) -> dict:
     return jsonable(asdict(cfg))
 
 
+FORMATS = {"loss": "{:.4f}", "eval_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
+           "loss_scale": "{:g}", "eval_top1": "{:.3f}", "tokens_per_s": "{:,.0f}",
+           "images_per_s": "{:,.1f}", "tflops_per_device": "{:.3g}", "mfu": "{:.3f}",
+           "bubble_measured": "{:.2f}", "bubble_theory": "{:.2f}", "step_time_s": "{:.3f}",
+           "rss_mb": "{:,.0f}", "mem_peak_mb": "{:,.0f}", "mem_reserved_mb": "{:,.0f}"}
+"""Console formats of the metrics line, in order (``metrics.jsonl`` and W&B keep every key)."""
+
+SHORT_PHASES = {"data": "data", "forward": "fwd", "backward": "bwd", "grad_reduce": "reduce",
+                "optimizer": "opt", "p2p_wait": "p2p"}
+
+
 def format_line(row: dict) -> str:
     """``step 10/300 | loss 5.1234 | lr 1.0e-03 | ...`` from a metrics row."""
     parts = [f"step {row['step']}/{row['steps']}"]
-    fmt = {"loss": "{:.4f}", "eval_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
-           "eval_top1": "{:.3f}", "tokens_per_s": "{:,.0f}", "images_per_s": "{:,.1f}",
-           "bubble_measured": "{:.2f}", "bubble_theory": "{:.2f}", "step_time_s": "{:.3f}", "rss_mb": "{:,.0f}"}
-    for key, pattern in fmt.items():
+    for key, pattern in FORMATS.items():
         if row.get(key) is not None:
             parts.append(f"{key} {pattern.format(row[key])}")
-    return " | ".join(parts)
+    if row.get("eta_s") is not None:
+        from mptk.log.progress import format_eta
+
+        parts.append(f"eta {format_eta(row['eta_s'])}")
+    return " | ".join(parts + _phase_parts(row))
+
+
+def _phase_parts(row: dict) -> list[str]:
+    """``s/step max(min) fwd 0.020(0.018) ... | straggler rank 3`` when phase times are in."""
+    if "straggler_rank" not in row:
+        return []
+    times = " ".join(f"{short} {row[f'{name}_s_max']:.3f}({row[f'{name}_s_min']:.3f})"
+                     for name, short in SHORT_PHASES.items() if f"{name}_s_max" in row)
+    return [f"s/step max(min) {times}", f"straggler rank {row['straggler_rank']}"]
 
 
 class Metrics:

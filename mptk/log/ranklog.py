@@ -61,6 +61,14 @@ def error(text: str) -> None:
     flush()
 
 
+def console_to(stream) -> None:
+    """Point rank 0's console handler at ``stream`` (the progress bar's console while it is
+    live, so lines print above the bar); ``None`` restores stdout."""
+    for handler in _logger.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setStream(stream if stream is not None else sys.stdout)
+
+
 def flush() -> None:
     for handler in _logger.handlers:
         handler.flush()

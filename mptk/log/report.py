@@ -27,7 +27,11 @@ def rate_key(rows: list[dict]) -> str | None:
 
 
 def memory_key(rows: list[dict]) -> str | None:
-    return "rss_mb" if any("rss_mb" in r for r in rows) else None
+    """Peak GPU memory (``mem_peak_mb``) when on CUDA, else peak RSS (``rss_mb``)."""
+    for key in ("mem_peak_mb", "rss_mb"):
+        if any(key in r for r in rows):
+            return key
+    return None
 
 
 def series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -90,8 +94,9 @@ def summary(run_dir: str | Path) -> str:
     rate = rate_key(rows)
     if rate:
         lines.append(f"{rate} (median) {_median(series(rows, rate)[1]):,.1f}")
-    if memory_key(rows):
-        lines.append(f"peak rss_mb {max(series(rows, 'rss_mb')[1]):,.0f}")
+    memory = memory_key(rows)
+    if memory:
+        lines.append(f"peak {memory} {max(series(rows, memory)[1]):,.0f}")
     return "\n".join(lines)
 
 

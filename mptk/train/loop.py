@@ -19,10 +19,12 @@ from mptk.models import partition, registry
 from mptk.compat.cpu import device_scope
 from mptk.train.pipeline import (attach_timers, pipeline_evaluate, pipeline_step,
                                  theoretical_bubble)
-from mptk.train.step import evaluate, train_step
+from mptk.train.step import evaluate, time_grad_reduce, train_step
 from mptk.launch.exitcodes import REQUEUE_EXIT_CODE  # mptk #4: checkpoints, resume, signals
 from mptk.train import checkpoint, signals  # mptk #4
 from mptk.log import profile, ranklog, report, watchdog  # mptk #7: rank logs, NaN check, hang watchdog
+from mptk.log import flops, progress  # mptk #7: TFLOP/s + MFU, progress bar and ETA
+from mptk.log.phases import Phases, across_ranks  # mptk #7: per-phase timers, straggler
 
 
 @dataclass(slots=True)
@@ -40,6 +42,12 @@ class Worker:
     """Optimizer steps already done (restored from a checkpoint)."""
     extra: dict = field(default_factory=dict)
     """Per-step figures a step function adds to the metrics row (e.g. the pipeline bubble)."""
+    phases: Phases = field(default_factory=Phases)
+    """This rank's phase spans (mptk #7), read at every log step."""
+    step_flops: float = 0.0
+    """Model FLOPs of one optimizer step, all ranks (Megatron's formula)."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of this device for MFU (None on CPU / unknown GPUs)."""
 
 
 def say(text: str) -> None:
@@ -112,12 +120,16 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
             cfg.model, layout.pp, layout.vpp, list(layout.stage_layers),
             cfg.train.micro_batch_size, layout.tp, layout.grad_acc)))
     engine = ds.initialize(model, cfg, layout)
+    phases = Phases(cuda=device.type == "cuda")  # mptk #7
+    time_grad_reduce(engine, phases)
     if layout.pp > 1:
-        attach_timers(engine)
+        attach_timers(engine, phases)
     start = checkpoint.restore(engine, plan, cfg.run_dir)  # mptk #4: optimizer, RNG, step
     metrics = Metrics(cfg, groups.rank() == 0, printer=ranklog.info, layout=layout,
                       rank_printer=ranklog.info)  # mptk #7
-    return Worker(cfg, layout, device, recipe, data, engine, metrics, start)
+    return Worker(cfg, layout, device, recipe, data, engine, metrics, start, phases=phases,
+                  step_flops=flops.step_flops(cfg.model, cfg.train.global_batch_size),
+                  peak_tflops=flops.peak_tflops(cfg.cluster, device))
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -129,10 +141,21 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_mb(device: torch.device) -> float:
+def memory(device: torch.device) -> dict:
+    """GPU: allocated / reserved / peak allocated MiB; CPU: peak RSS MiB."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return rss_mb()
+        return {"mem_allocated_mb": torch.cuda.memory_allocated() / 2**20,
+                "mem_reserved_mb": torch.cuda.memory_reserved() / 2**20,
+                "mem_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {"rss_mb": rss_mb()}
+
+
+def loss_scale(engine) -> dict:
+    """fp16's dynamic loss scale (DeepSpeed keeps it on the optimizer); nothing otherwise."""
+    if not engine.fp16_enabled():
+        return {}
+    value = getattr(engine.optimizer, "loss_scale", getattr(engine.optimizer, "cur_scale", None))
+    return {"loss_scale": float(value)} if value is not None else {}
 
 
 def row(w: Worker, step: int, loss: float, norm: float, lr: float, seconds: float) -> dict:
@@ -140,7 +163,8 @@ def row(w: Worker, step: int, loss: float, norm: float, lr: float, seconds: floa
     units = w.cfg.train.global_batch_size * w.recipe.units_per_sample(w.cfg.model)
     record = {"step": step, "steps": w.cfg.train.steps, "loss": loss, "lr": lr,
               "grad_norm": norm, f"{w.recipe.units}_per_s": units / seconds,
-              "step_time_s": seconds, "rss_mb": memory_mb(w.device)}
+              **flops.throughput(w.step_flops, seconds, w.layout.world, w.peak_tflops),
+              "step_time_s": seconds, **memory(w.device), **loss_scale(w.engine)}
     if w.layout.pp > 1:
         record["bubble_theory"] = theoretical_bubble(w.layout.pp, w.layout.vpp, w.layout.grad_acc)
     return record
@@ -150,8 +174,8 @@ def one_step(w: Worker, step: int) -> tuple[float, float]:
     """pp=1: the engine runs micro-batches itself; pp>1: megatron's pipeline schedule."""
     if w.layout.pp > 1:
         return pipeline_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device,
-                             w.cfg, stats=w.extra)
-    return train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device)
+                             w.cfg, stats=w.extra, phases=w.phases)
+    return train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device, w.phases)
 
 
 def one_eval(w: Worker) -> dict:
@@ -171,15 +195,24 @@ def train(w: Worker) -> bool:
     cfg = w.cfg
     dog = watchdog.Watchdog(cfg.debug.hang_timeout_s, cfg.run_dir, groups.rank()).start()  # mptk #7
     prof = profile.Window(cfg.profile, cfg.run_dir, groups.rank())  # mptk #7
+    bar = progress.Bar(cfg.train.steps, w.start_step, cfg.log.progress and groups.rank() == 0)
     try:
-        return _steps(w, dog, prof)
+        return _steps(w, dog, prof, bar.start())
     finally:
+        bar.stop()
         dog.stop()
         prof.close()
 
 
-def _steps(w: Worker, dog, prof) -> bool:
-    cfg = w.cfg
+def log_extras(w: Worker, step: int, elapsed_s: float) -> dict:
+    """What a log step adds (mptk #7): phase times over ranks (a collective) and the ETA."""
+    extras = across_ranks(w.phases.window()) if w.cfg.log.phase_timers else {}
+    eta = progress.eta_seconds(step - w.start_step, elapsed_s, w.cfg.train.steps - step)
+    return extras | ({"eta_s": eta} if eta is not None else {})
+
+
+def _steps(w: Worker, dog, prof, bar) -> bool:
+    cfg, began = w.cfg, time.perf_counter()
     for step in range(w.start_step, cfg.train.steps):
         watchdog.test_hang(step + 1, groups.rank())  # mptk #7: test hook (MPTK_TEST_HANG_*)
         start, lr = time.perf_counter(), w.engine.get_lr()[0]
@@ -191,10 +224,14 @@ def _steps(w: Worker, dog, prof) -> bool:
         prof.end(step)  # mptk #7 (after the timing: writing the trace is not step time)
         record.update(w.extra)
         w.extra.clear()
+        w.phases.step_done()
         if should_eval(cfg, step + 1):
             record.update(one_eval(w))
         log_now = (step + 1) % cfg.train.log_interval == 0 or "eval_loss" in record
+        if log_now:  # mptk #7: phase min/max + straggler (all ranks), ETA
+            record.update(log_extras(w, step + 1, time.perf_counter() - began))
         w.metrics.log(record, console=log_now)
+        bar.update(step + 1)
         if checkpoint.maybe_save(w, step + 1):  # mptk #4: saves when due; True after a signal
             return True
         dog.beat(step + 1)  # mptk #7

@@ -14,6 +14,7 @@ Order inside one step (fixed):
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -22,6 +23,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mptk.compat.cpu import device_scope
+from mptk.log.phases import Phases
 from mptk.train.step import dp_mean, dp_sums, grad_norm, to_device
 
 
@@ -31,46 +33,11 @@ def chunks_of(engine) -> list[torch.nn.Module]:
     return list(module) if isinstance(module, torch.nn.ModuleList) else [module]
 
 
-class _Span:
-    def __init__(self, totals: dict, name: str):
-        self.totals, self.name, self.t0 = totals, name, None
-
-    def start(self, barrier: bool = False) -> None:
-        self.t0 = time.perf_counter()
-
-    def stop(self, barrier: bool = False) -> None:
-        if self.t0 is not None:
-            self.totals[self.name] = self.totals.get(self.name, 0.0) + time.perf_counter() - self.t0
-            self.t0 = None
-
-
-class PhaseTimers:
-    """Stands in for megatron's ``Timers`` (``config.timers``): the schedule and the p2p layer
-    call ``timers(name).start()/stop()`` around compute and every send/receive."""
-
-    def __init__(self):
-        self.totals: dict[str, float] = {}
-        self.spans: dict[str, _Span] = {}
-
-    def __call__(self, name: str, log_level: int | None = None) -> _Span:
-        if name not in self.spans:
-            self.spans[name] = _Span(self.totals, name)
-        return self.spans[name]
-
-    def take(self) -> dict[str, float]:
-        """Totals since the last call, then reset."""
-        totals, self.totals = self.totals, {}
-        for span in self.spans.values():
-            span.totals = self.totals
-        return totals
-
-
-def attach_timers(engine) -> PhaseTimers:
-    """One PhaseTimers shared by this rank's chunks."""
-    timers = PhaseTimers()
+def attach_timers(engine, phases: Phases) -> Phases:
+    """Let megatron's schedule and p2p layer report into ``phases`` (its ``config.timers``)."""
     for chunk in chunks_of(engine):
-        chunk.config.timers = timers
-    return timers
+        chunk.config.timers = phases
+    return phases
 
 
 def theoretical_bubble(pp: int, vpp: int, micro_batches: int) -> float:
@@ -80,11 +47,9 @@ def theoretical_bubble(pp: int, vpp: int, micro_batches: int) -> float:
     return (pp - 1) / (micro_batches + pp - 1)
 
 
-def bubble_stats(timers: PhaseTimers, schedule_s: float) -> dict:
+def bubble_stats(wait_s: float, schedule_s: float) -> dict:
     """Seconds waiting in p2p per stage (gathered over pp) as a fraction of the schedule."""
-    totals = timers.take()
-    wait = sum(v for k, v in totals.items() if "send" in k or "recv" in k)
-    mine = torch.tensor([wait, schedule_s], dtype=torch.float64)
+    mine = torch.tensor([wait_s, schedule_s], dtype=torch.float64)
     gathered = [torch.zeros_like(mine) for _ in range(ps.get_pipeline_model_parallel_world_size())]
     dist.all_gather(gathered, mine, group=ps.get_pipeline_model_parallel_group())
     fractions = [float(g[0] / g[1]) if g[1] > 0 else 0.0 for g in gathered]
@@ -152,23 +117,27 @@ def last_stage_mean(collect: list) -> torch.Tensor:
     return value
 
 
-def pipeline_step(engine, recipe, data, step: int, grad_acc: int, device, cfg, stats=None):
+def pipeline_step(engine, recipe, data, step: int, grad_acc: int, device, cfg, stats=None,
+                  phases: Phases | None = None):
     """One optimizer step at pp>1; returns (loss averaged over micro-batches and dp, norm).
-    ``stats``, a dict, receives the measured bubble when given."""
-    batches = [to_device(data.batch(step, m), device) for m in range(grad_acc)]
-    timers = getattr(chunks_of(engine)[0].config, "timers", None)
-    if isinstance(timers, PhaseTimers):
-        timers.take()  # drop what evaluation recorded
-    start = time.perf_counter()
+    ``stats``, a dict, receives the measured bubble when given; ``phases`` (the one attached
+    as the chunks' ``config.timers``) the phase spans."""
+    phases = phases if phases is not None else Phases()
+    with phases.span("data"):
+        batches = [to_device(data.batch(step, m), device) for m in range(grad_acc)]
+    mark, start = phases.mark(), time.perf_counter()
     collect = run_schedule(engine, recipe, batches, cfg, forward_only=False)
-    if stats is not None and isinstance(timers, PhaseTimers):
-        stats.update(bubble_stats(timers, time.perf_counter() - start))
-    sync_tied_embeddings(engine)
-    engine.allreduce_gradients()
-    norm = grad_norm(engine.module) if engine.zero_optimization_stage() == 0 else None
-    if norm is not None:
-        clip_(engine, norm, cfg.optim.grad_clip)
-    engine.step()
+    if stats is not None:
+        wait = phases.seconds_since(mark, "p2p_wait")
+        stats.update(bubble_stats(wait, time.perf_counter() - start))
+    with phases.span("grad_reduce"):
+        sync_tied_embeddings(engine)
+        engine.allreduce_gradients()
+    with phases.span("optimizer"):
+        norm = grad_norm(engine.module) if engine.zero_optimization_stage() == 0 else None
+        if norm is not None:
+            clip_(engine, norm, cfg.optim.grad_clip)
+        engine.step()
     norm = norm if norm is not None else float(engine.get_global_grad_norm())
     return dp_mean(last_stage_mean(collect)), norm
 
@@ -178,7 +147,9 @@ def pipeline_evaluate(engine, recipe, data, device, cfg) -> dict:
     """Held-out loss (and the recipe's summary) through a forward-only schedule."""
     engine.eval()
     batches = [to_device(b, device) for b in data.eval_batches()]
-    collect = run_schedule(engine, recipe, batches, cfg, forward_only=True)
+    timers = chunks_of(engine)[0].config.timers
+    with timers.paused() if isinstance(timers, Phases) else contextlib.nullcontext():
+        collect = run_schedule(engine, recipe, batches, cfg, forward_only=True)
     engine.train()
     sums = {}
     for _, metrics in collect:

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from mptk.dist import groups
+from mptk.log.phases import Phases
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -45,19 +46,37 @@ def grad_norm(model: torch.nn.Module) -> float:
     return total.sqrt().item()
 
 
-def train_step(engine, recipe, data, step: int, grad_acc: int, device) -> tuple[float, float]:
+def time_grad_reduce(engine, phases: Phases) -> None:
+    """Time DeepSpeed's gradient reduction as the ``grad_reduce`` phase: the engine calls its
+    own ``allreduce_gradients`` at the end of backward (pp=1) and mptk calls it at pp>1."""
+    inner = engine.allreduce_gradients
+
+    def timed(*args, **kwargs):
+        with phases.span("grad_reduce"):
+            return inner(*args, **kwargs)
+
+    engine.allreduce_gradients = timed
+
+
+def train_step(engine, recipe, data, step: int, grad_acc: int, device,
+               phases: Phases | None = None) -> tuple[float, float]:
     """``grad_acc`` micro-batches, then DeepSpeed's step at the accumulation boundary.
 
     Returns the loss (mean over micro-batches and dp) and the gradient norm before clipping.
     """
+    phases = phases if phases is not None else Phases()
     losses, norm = [], None
     for micro in range(grad_acc):
-        batch = to_device(data.batch(step, micro), device)
-        loss, _ = recipe.loss(engine, batch)
-        engine.backward(loss)
-        if micro == grad_acc - 1 and engine.zero_optimization_stage() == 0:
-            norm = grad_norm(engine.module)  # stage 0 keeps no norm; grads are reduced here
-        engine.step()
+        with phases.span("data"):
+            batch = to_device(data.batch(step, micro), device)
+        with phases.span("forward"):
+            loss, _ = recipe.loss(engine, batch)
+        with phases.span("backward"):
+            engine.backward(loss)
+        with phases.span("optimizer"):
+            if micro == grad_acc - 1 and engine.zero_optimization_stage() == 0:
+                norm = grad_norm(engine.module)  # stage 0 keeps no norm; grads are reduced here
+            engine.step()
         losses.append(loss.detach().clone())
     norm = norm if norm is not None else float(engine.get_global_grad_norm())
     return dp_mean(torch.stack(losses).mean()), norm

@@ -1,5 +1,6 @@
 """The ViT recipe: config schema, model builder (megatron-core ``CLIPViTModel`` + class-token
-head), batch -> loss with top-1 counts, and image data (digits or an image folder)."""
+head, built per pipeline stage), batch -> loss with top-1 counts, and image data (digits or an
+image folder)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -35,7 +36,13 @@ class ViTConfig(ModelConfig):
     num_classes: int = 10
     """Classes of the head; must match the data's class count."""
     seq_length: int = 17
-    """Not read: the sequence is (image_size / patch_size)**2 patches + 1 class token."""
+    """(image_size / patch_size)**2 patches + 1 class token; pp>1 sends [seq_length, micro
+    batch, hidden] between stages, so preflight requires it to match there."""
+
+
+def tokens_of(m: ViTConfig) -> int:
+    """Sequence length the backbone runs: the patches plus the class token."""
+    return (m.image_size // m.patch_size) ** 2 + 1
 
 
 def layer_spec(cfg: ViTConfig) -> ModuleSpec:
@@ -49,44 +56,97 @@ def layer_spec(cfg: ViTConfig) -> ModuleSpec:
 
 
 class ViTClassifier(MegatronModule):
-    """Patch embedding from the config, the megatron ViT, then norm + linear on the class token.
+    """One pipeline stage of the classifier (the whole model at pp=1): the patch embedding
+    (first stage), its share of the megatron ViT layers, then norm + linear on the class
+    token (last stage). Parameter names: ``backbone.*``, ``norm.*``, ``head.*``.
 
-    A ``MegatronModule``, so dist-checkpointing can shard its weights like GPT's.
+    A ``MegatronModule``, so dist-checkpointing can shard its weights like GPT's. Stages drop
+    the parts they do not run: unused parameters break DeepSpeed's ZeRO gradient hooks.
     """
 
-    def __init__(self, cfg: ViTConfig, config: TransformerConfig):
+    def __init__(self, cfg: ViTConfig, config: TransformerConfig, pre_process: bool = True,
+                 post_process: bool = True, vp_stage: int | None = None):
         super().__init__(config=config)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         with cpu.device_scope():  # CLIPViTModel puts its position ids on CUDA (.cuda())
             self.backbone = CLIPViTModel(
                 config, layer_spec(cfg), ln_pre_impl=WrappedTorchNorm, add_class_token=True,
                 class_token_len=1, patch_dim=cfg.patch_size, img_h=cfg.image_size,
-                img_w=cfg.image_size, model_subtype="clip")
-        # CLIPViTModel hard-codes 3 input channels: the patch embedding follows the config.
-        self.backbone.conv1 = torch.nn.Conv2d(cfg.channels, cfg.hidden_size, cfg.patch_size,
-                                              stride=cfg.patch_size, bias=False,
-                                              dtype=config.params_dtype)
-        self.norm = WrappedTorchNorm(config, cfg.hidden_size, eps=config.layernorm_epsilon)
-        self.head = torch.nn.Linear(cfg.hidden_size, cfg.num_classes,
-                                    dtype=config.params_dtype)
+                img_w=cfg.image_size, model_subtype="clip", vp_stage=vp_stage)
+        self.backbone.decoder.pre_process = pre_process  # False: reads set_input_tensor's
+        del self.backbone.position_ids  # CUDA at build time on a GPU; made per forward here
+        if pre_process:  # CLIPViTModel hard-codes 3 input channels: follow the config
+            self.backbone.conv1 = torch.nn.Conv2d(cfg.channels, cfg.hidden_size, cfg.patch_size,
+                                                  stride=cfg.patch_size, bias=False,
+                                                  dtype=config.params_dtype)
+        else:
+            for name in ("conv1", "class_token", "position_embeddings", "ln_pre"):
+                delattr(self.backbone, name)
+        if post_process:
+            self.norm = WrappedTorchNorm(config, cfg.hidden_size, eps=config.layernorm_epsilon)
+            self.head = torch.nn.Linear(cfg.hidden_size, cfg.num_classes,
+                                        dtype=config.params_dtype)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``[b, c, h, w]`` images -> ``[b, num_classes]`` logits."""
-        hidden = self.backbone(images.to(self.head.weight.dtype))  # [b, s, h]
-        return self.head(self.norm(hidden[:, 0]))
+    def set_input_tensor(self, input_tensor) -> None:
+        """The previous stage's ``[s, b, h]`` (megatron's schedule passes a one-item list)."""
+        if not isinstance(input_tensor, list):
+            input_tensor = [input_tensor]
+        assert len(input_tensor) == 1, "the ViT stage takes one input tensor"
+        self.backbone.decoder.set_input_tensor(input_tensor[0])
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``[b, c, h, w]`` -> ``[s, b, h]`` exactly as ``CLIPViTModel.forward`` embeds:
+        conv1 -> flatten -> class token first -> + position embeddings -> ln_pre."""
+        vit = self.backbone
+        x = vit.conv1(images.to(vit.conv1.weight.dtype))  # [b, h, grid, grid]
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [b, grid**2, h]
+        x = torch.cat([vit.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        assert x.shape[1] == vit.seq_length, f"{x.shape[1]} != {vit.seq_length}"
+        positions = torch.arange(vit.seq_length, device=x.device)[None]
+        x = vit.ln_pre(x + vit.position_embeddings(positions))
+        return x.permute(1, 0, 2).contiguous()  # [s, b, h]; p2p needs contiguous
+
+    def forward(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: ``[b, c, h, w]`` images; later stages read the received tensor.
+        Returns ``[s, b, h]`` on stages before the last, ``[b, num_classes]`` logits on it."""
+        hidden = self.embed(images) if self.pre_process else None
+        hidden = self.backbone.decoder(hidden, attention_mask=None)
+        if not self.post_process:
+            return hidden.contiguous()
+        return self.head(self.norm(hidden[0]))  # the class token
 
 
 def build(cfg: ViTConfig, ctx: registry.ModelContext) -> ViTClassifier:
-    """The whole classifier (pp=1; tensor parallel inside the transformer layers)."""
-    return ViTClassifier(cfg, megatron.transformer_config(cfg, ctx.tp, ctx.pp, ctx.dtype))
+    """This stage's part of the classifier (the whole of it at pp=1; tensor parallel inside
+    the transformer layers)."""
+    config = megatron.config_for(cfg, ctx)
+    if ctx.pp > 1:  # held-out batches split the whole split (sizes differ from the micro batch
+        # and by one between batches): stages exchange each tensor's shape before sending it
+        config = megatron.replace(config, variable_seq_lengths=True,
+                                  moe_token_dispatcher_type="alltoall")  # megatron requires it
+    return ViTClassifier(cfg, config, pre_process=ctx.pre_process,
+                         post_process=ctx.post_process, vp_stage=ctx.vp_stage)
 
 
-def loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Mean cross-entropy over the micro-batch; top-1 counts as sums."""
-    logits = model(batch["images"]).float()
+def forward(model: ViTClassifier, batch: dict):
+    """This stage's output (logits on the last stage) and the function reducing logits to
+    ``(mean cross-entropy, top-1 counts as sums)`` — the pipeline schedule calls the latter on
+    the last stage only."""
     labels = batch["labels"]
-    value = F.cross_entropy(logits, labels)
-    correct = (logits.argmax(-1) == labels).sum().detach()  # no sync; the loop sums it
-    return value, {"correct": correct, "samples": labels.numel()}
+
+    def reduce(logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = logits.float()
+        correct = (logits.argmax(-1) == labels).sum().detach()  # no sync; the loop sums it
+        return F.cross_entropy(logits, labels), {"correct": correct, "samples": labels.numel()}
+
+    return model(batch["images"]), reduce
+
+
+def loss(model: ViTClassifier, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy over the micro-batch; top-1 counts as sums."""
+    output, reduce = forward(model, batch)
+    return reduce(output)
 
 
 def data(cfg: RunConfig, layout, log=print):
@@ -120,10 +180,13 @@ def _image_checks(m: ViTConfig) -> list[str]:
 
 
 def _layout_checks(cfg: RunConfig) -> list[str]:
-    if cfg.parallel.pp == 1:
+    """pp>1 sends [model.seq_length, micro batch, hidden] between stages."""
+    m, want = cfg.model, tokens_of(cfg.model)
+    if cfg.parallel.pp == 1 or m.seq_length == want or _image_checks(m):
         return []
-    return [f"parallel.pp({cfg.parallel.pp}): the ViT recipe runs without pipeline "
-            f"parallelism (CLIPViTModel is one stage); use parallel.pp=1 and tp/dp instead"]
+    return [f"model.seq_length({m.seq_length}) must be (image_size/patch_size)**2 + 1 = {want} "
+            f"at parallel.pp({cfg.parallel.pp}) (the tensor sent between stages); set "
+            f"model.seq_length={want}"]
 
 
 def _data_checks(cfg: RunConfig) -> list[str]:
@@ -154,5 +217,6 @@ def _folder_checks(root: str, num_classes: int) -> list[str]:
 
 
 RECIPE = registry.register(registry.Recipe(
-    name="vit", config=ViTConfig, build=build, loss=loss, data=data, checks=checks,
-    units="images", units_per_sample=lambda model_cfg: 1, eval_summary=eval_summary))
+    name="vit", config=ViTConfig, build=build, loss=loss, forward=forward, data=data,
+    checks=checks, units="images", units_per_sample=lambda model_cfg: 1,
+    eval_summary=eval_summary))

@@ -36,14 +36,16 @@ def ckpt_meta(run: Path, step: int) -> dict:
 
 
 def check_history(wb, rows: list[dict]) -> None:
-    """One history record per metrics.jsonl row, at its step, with the same values."""
+    """One history record per metrics.jsonl row, at its step, with the same keys and values
+    (W&B adds ``_step``, ``_runtime``, ``_timestamp``; ``steps`` is left out)."""
     assert wb.steps == [r["step"] for r in rows]
     assert [h["_step"] for h in wb.history] == wb.steps
     for h, r in zip(wb.history, rows):
-        for key in (*LOGGED, "eval_loss"):
-            assert h.get(key) == r.get(key), (r["step"], key, h.get(key), r.get(key))
-            if key != "eval_loss":
-                assert h[key] is not None, (r["step"], key)
+        assert all(h.get(key) is not None for key in LOGGED), (r["step"], h)
+        assert h.get("eval_loss") == r.get("eval_loss"), (r["step"], h)
+        for key, value in r.items():  # every key of the row, with the same value
+            if key != "steps":
+                assert key in h and h[key] == value, (r["step"], key, h.get(key), value)
         assert "steps" not in h
 
 

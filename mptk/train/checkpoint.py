@@ -538,6 +538,18 @@ def resume_wandb(plan: Plan) -> None:
         os.environ.setdefault("WANDB_RESUME", "allow")
 
 
+def recompute_lr(engine) -> None:
+    """The LR at the restored position under *this* run's schedule: the loaded optimizer holds
+    the saved run's last LR, which is wrong for the next step when ``train.steps`` changed."""
+    sched = engine.lr_scheduler
+    if sched is None or not hasattr(sched, "lr_lambdas"):
+        return
+    lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
+
+
 def _row_step(line: str) -> float:
     try:
         return float(json.loads(line).get("step", 0))
@@ -568,6 +580,7 @@ def restore(engine, plan: Plan, run_dir) -> int:
         raise CheckpointError(f"train.resume: DeepSpeed could not load {plan.folder}/"
                               f"{DEEPSPEED_TAG} at step {step}; move that checkpoint aside")
     set_rng_state(torch.load(plan.folder / RNG / f"rank_{_rank():05d}.pt", weights_only=False))
+    recompute_lr(engine)
     resume_wandb(plan)
     trim_metrics(run_dir, step)
     _say(f"resumed from {plan.folder} at step {step} "

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from e2e_util import BIN, mptk, tiny
+from e2e_util import BIN, metrics, mptk, tiny
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +35,40 @@ def test_nan_stops_with_rank_and_step_and_rank_logs(tmp_path, cache):
     assert "layout tp=1 pp=1 dp=2" in logs[0] and "layout tp=1" in done.stdout
     trace = json.loads((run / "profile" / "rank_1.json").read_text())  # profile window
     assert trace["traceEvents"] and not (run / "profile" / "rank_0.json").exists()
+    names = {event.get("name") for event in trace["traceEvents"]}
+    for phase in ("data", "forward", "backward", "grad_reduce", "optimizer"):
+        assert f"mptk.{phase}" in names, sorted(n for n in names if n and "mptk" in n)
+
+
+def gpt_step_flops(batch: int, s: int = 32, l: int = 2, h: int = 64, v: int = 512) -> float:
+    """Megatron's model FLOPs per step, written out here independently of mptk."""
+    return 72 * batch * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
+
+
+def test_four_ranks_report_tflops_mfu_phases_and_straggler(tmp_path, cache):
+    run = tmp_path / "run"
+    done = mptk(*tiny(cache), "train=smoke", "train.eval_interval=0", "parallel.tp=2",
+                "launcher.nproc_per_node=4", "train.steps=4", "train.log_interval=2",
+                "cluster.peak_tflops=0.002", f"hydra.run.dir={run}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {r["step"]: r for r in metrics(run)}
+    for step, row in rows.items():
+        tflops = gpt_step_flops(8) / row["step_time_s"] / 4 / 1e12
+        assert row["tflops_per_device"] == pytest.approx(tflops, rel=1e-6)
+        assert row["mfu"] == pytest.approx(tflops / 0.002, rel=1e-6)  # peak from the override
+        assert row["rss_mb"] > 0
+        assert ("straggler_rank" in row) == (step % 2 == 0)  # phases at log steps only
+    for step in (2, 4):
+        row = rows[step]
+        assert row["straggler_rank"] in range(4) and row["eta_s"] >= 0
+        for phase in ("data", "forward", "backward", "grad_reduce", "optimizer", "p2p_wait"):
+            assert 0 <= row[f"{phase}_s_min"] <= row[f"{phase}_s_max"], (phase, row)
+        assert row["forward_s_min"] > 0 and row["backward_s_min"] > 0 and row["p2p_wait_s_max"] == 0
+        compute = row["forward_s_max"] + row["backward_s_max"] + row["optimizer_s_max"]
+        assert compute < 4 * row["step_time_s"] + 1.0  # per-step means, not sums over the window
+    line = next(x for x in done.stdout.splitlines() if x.startswith("step 4/4"))
+    assert "tflops_per_device" in line and "mfu" in line and "straggler rank" in line
+    assert "eta 0:00" in line
 
 
 def test_hang_dumps_every_rank_and_exits(tmp_path, cache):

@@ -97,3 +97,14 @@ def test_resume_and_requeue_continue_the_same_run(first, cache, tmp_path):
     assert resumed.config["train"]["steps"] == again.config["train"]["steps"] == 2 * N
     for step in (stopped, 2 * N):
         assert ckpt_meta(run, step)["wandb_run_id"] == run_id
+    lrs = [r["lr"] for r in rows]  # the 2N-step schedule from the first resumed step on
+    assert lrs == pytest.approx([schedule_lr(run, s) for s in range(N + 1, 2 * N + 1)], rel=1e-6)
+
+
+def schedule_lr(run: Path, step: int) -> float:
+    """The LR a row of ``run`` shows at ``step`` (set before that step: factor of step - 1)."""
+    from mptk.config.load import compose
+    from mptk.engine.deepspeed import lr_factor
+
+    cfg = compose(list(OmegaConf.load(run / ".hydra" / "overrides.yaml")))
+    return cfg.optim.lr * lr_factor(step - 1, cfg)

@@ -370,6 +370,9 @@ class DebugConfig:
 
     nan_policy: NanPolicy = NanPolicy.stop
     """Reaction to a non-finite loss or gradient norm, checked every step."""
+    nan_dump: bool = True
+    """On a non-finite loss or norm, every rank appends the step's global sample ids of its
+    micro-batches to ``run_dir/nan/rank_<r>.json`` (to replay the offending batch)."""
     hang_timeout_s: float = 1800.0
     """Seconds without a completed step (eval and checkpoint saves included) before every rank
     dumps its Python stacks to ``run_dir/hang/rank_<r>.txt`` and exits non-zero; 0 = off."""

@@ -11,12 +11,13 @@ Test hooks (environment variables, read at the step they name; not for productio
 from __future__ import annotations
 
 import faulthandler
+import json
 import math
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from mptk.config.schema import DebugConfig, NanPolicy
 from mptk.log import ranklog
@@ -55,8 +56,10 @@ def nonfinite(loss: float, norm: Optional[float]) -> list[str]:
 
 
 def check_finite(cfg: DebugConfig, step: int, rank: int, loss: float,
-                 norm: Optional[float]) -> bool:
-    """True when loss and norm are finite; else log rank and step and, under
+                 norm: Optional[float], run_dir: Optional[str] = None,
+                 batch: Optional[Callable[[], dict]] = None) -> bool:
+    """True when loss and norm are finite; else log rank and step, write ``batch()`` (this
+    rank's sample ids) to ``run_dir/nan/rank_<r>.json`` when ``debug.nan_dump`` and, under
     ``nan_policy=stop``, end this process with :data:`NONFINITE_EXIT_CODE`."""
     bad = nonfinite(loss, norm)
     if not bad:
@@ -64,9 +67,20 @@ def check_finite(cfg: DebugConfig, step: int, rank: int, loss: float,
     stop = cfg.nan_policy is NanPolicy.stop
     ranklog.error(f"mptk: error: non-finite {', '.join(bad)} at step {step} on rank {rank} "
                   f"(debug.nan_policy={cfg.nan_policy.value}: {'stopping' if stop else 'skipping'})")
+    if cfg.nan_dump and run_dir and batch is not None:
+        ranklog.error(f"mptk: batch ids of step {step}: {dump_batch(run_dir, rank, step, batch())}")
     if stop:
         os._exit(NONFINITE_EXIT_CODE)
     return False
+
+
+def dump_batch(run_dir: str, rank: int, step: int, record: dict) -> Path:
+    """``run_dir/nan/rank_<r>.json``: one JSON line per bad step (appended)."""
+    path = Path(run_dir) / "nan" / f"rank_{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "rank": rank, **record}) + "\n")
+    return path
 
 
 class Watchdog:

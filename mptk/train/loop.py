@@ -170,6 +170,15 @@ def row(w: Worker, step: int, loss: float, norm: float, lr: float, seconds: floa
     return record
 
 
+def batch_ids(w: Worker, step: int) -> dict:
+    """This rank's global sample ids of (0-based) ``step``, one list per micro-batch."""
+    from mptk.data.order import global_samples
+
+    ids = [global_samples(step, m, w.cfg.train.micro_batch_size, w.layout.grad_acc,
+                          groups.dp_rank(), w.layout.dp) for m in range(w.layout.grad_acc)]
+    return {"dp_rank": groups.dp_rank(), "global_samples": ids}
+
+
 def one_step(w: Worker, step: int) -> tuple[float, float]:
     """pp=1: the engine runs micro-batches itself; pp>1: megatron's pipeline schedule."""
     if w.layout.pp > 1:
@@ -219,7 +228,8 @@ def _steps(w: Worker, dog, prof, bar) -> bool:
         prof.begin(step)  # mptk #7: torch.profiler window (profile.*)
         loss, norm = one_step(w, step)
         loss = watchdog.test_nan(step + 1, loss)  # mptk #7: test hook (MPTK_TEST_NAN_AT_STEP)
-        watchdog.check_finite(cfg.debug, step + 1, groups.rank(), loss, norm)  # mptk #7
+        watchdog.check_finite(cfg.debug, step + 1, groups.rank(), loss, norm, cfg.run_dir,
+                              lambda: batch_ids(w, step))  # mptk #7
         record = row(w, step + 1, loss, norm, lr, time.perf_counter() - start)
         prof.end(step)  # mptk #7 (after the timing: writing the trace is not step time)
         record.update(w.extra)

@@ -33,6 +33,10 @@ def test_nan_stops_with_rank_and_step_and_rank_logs(tmp_path, cache):
         assert f"INFO step 2/5 | loss " in text
         assert f"ERROR mptk: error: non-finite loss=nan at step 3 on rank {r}" in text
     assert "layout tp=1 pp=1 dp=2" in logs[0] and "layout tp=1" in done.stdout
+    for r in (0, 1):  # the offending batch: global sample ids of step 3 (0-based 2) per rank
+        dump = json.loads((run / "nan" / f"rank_{r}.json").read_text())
+        ids = [[16 + 4 * m + 2 * r, 17 + 4 * m + 2 * r] for m in range(2)]  # mbs 2, dp 2, acc 2
+        assert dump == {"step": 3, "rank": r, "dp_rank": r, "global_samples": ids}, dump
     trace = json.loads((run / "profile" / "rank_1.json").read_text())  # profile window
     assert trace["traceEvents"] and not (run / "profile" / "rank_0.json").exists()
     names = {event.get("name") for event in trace["traceEvents"]}

@@ -53,7 +53,8 @@ def _panel(ax, rows: list[dict], keys: list[str], title: str) -> None:
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the three-panel report PNG (default ``run_dir/report.png``); returns its path."""
+    """Write the report PNG (default ``run_dir/report.png``): loss, throughput, memory and the
+    per-phase step times of the slowest rank; returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,17 +62,34 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     rows = read_rows(run_dir)
     out = Path(out) if out else Path(run_dir) / REPORT_NAME
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     _panel(axes[0], rows, ["loss", "eval_loss"], "loss")
     rate = rate_key(rows)
     _panel(axes[1], rows, [rate] if rate else [], f"throughput ({rate or 'n/a'})")
     mem = memory_key(rows)
     _panel(axes[2], rows, [mem] if mem else [], "peak memory (MiB)")
+    _panel(axes[3], rows, phase_keys(rows), "s/step per phase, slowest rank")
     fig.suptitle(str(run_dir), fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def phase_keys(rows: list[dict]) -> list[str]:
+    """``<phase>_s_max`` columns present (log steps of runs with phase timers)."""
+    from mptk.log.phases import PHASES
+
+    return [f"{p}_s_max" for p in PHASES if any(f"{p}_s_max" in r for r in rows)]
+
+
+def stragglers(rows: list[dict]) -> str | None:
+    """``rank 3 (5 of 8 log steps)``: the rank most often slowest."""
+    ranks = [r["straggler_rank"] for r in rows if "straggler_rank" in r]
+    if not ranks:
+        return None
+    top = max(set(ranks), key=ranks.count)
+    return f"rank {top} ({ranks.count(top)} of {len(ranks)} log steps)"
 
 
 def _median(values: list[float]) -> float:
@@ -97,6 +115,8 @@ def summary(run_dir: str | Path) -> str:
     memory = memory_key(rows)
     if memory:
         lines.append(f"peak {memory} {max(series(rows, memory)[1]):,.0f}")
+    if stragglers(rows):
+        lines.append(f"slowest rank {stragglers(rows)}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,9 @@ def synthetic(run_dir, steps=20) -> None:
                "tokens_per_s": 1000 + s, "step_time_s": 0.1, "rss_mb": 400 + s}
         if s % 10 == 0:
             row["eval_loss"] = 8 - 0.15 * s
+        if s % 5 == 0:
+            row |= {"forward_s_max": 0.04, "forward_s_min": 0.03, "backward_s_max": 0.05,
+                    "backward_s_min": 0.04, "straggler_rank": 3 if s != 5 else 1}
         rows.append(json.dumps(row))
     (run_dir / "metrics.jsonl").write_text("\n".join(rows) + "\n")
 
@@ -29,6 +32,8 @@ def test_cli_writes_png_and_summary(tmp_path, capsys):
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "20/20 steps" in out and "loss 7.8000 -> 4.0000" in out and "eval_loss (last) 5.0000" in out
+    assert "slowest rank rank 3 (3 of 4 log steps)" in out
+    assert report.phase_keys(report.read_rows(tmp_path)) == ["forward_s_max", "backward_s_max"]
 
 
 def test_cli_refuses_dir_without_metrics(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mptk.config.load import ConfigError, compose, conf_dir, to_run_config
+from mptk.config.load import ConfigError, compose, compose_cfg, conf_dir, to_run_config
 from mptk.config.preflight import PreflightError, preflight
 from mptk.config.schema import RunConfig
 from mptk.config.store import register_schemas
@@ -20,21 +20,25 @@ from mptk.log.noise import quiet
 
 def checked(dcfg: DictConfig) -> tuple[RunConfig, int]:
     """Typed config with the run dir filled in, and the world size; raises on bad input."""
-    cfg = to_run_config(dcfg)
-    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    return check_all(to_run_config(dcfg), HydraConfig.get().runtime.output_dir)
+
+
+def check_all(cfg: RunConfig, run_dir: str) -> tuple[RunConfig, int]:
+    """Layout, memory and checkpoint checks of ``cfg`` run in ``run_dir``."""
+    cfg.run_dir = run_dir
     env = detect()
     world = env.world_size if env else cfg.launcher.nproc_per_node
     layout = preflight(cfg, world, torch.cuda.is_available())
     check_memory(cfg, layout)
-    check_checkpoints(cfg)
+    check_checkpoints(cfg, layout)
     return cfg, world
 
 
-def check_checkpoints(cfg: RunConfig) -> None:
+def check_checkpoints(cfg: RunConfig, layout=None) -> None:
     """Checkpoint settings that refer to the file system, before any process starts."""
-    from mptk.train.checkpoint import startup_problems
+    from mptk.train.ckpt_preflight import startup_problems
 
-    problems = startup_problems(cfg)
+    problems = startup_problems(cfg, layout)
     if problems:
         raise PreflightError(problems)
 
@@ -70,14 +74,20 @@ def train(dcfg: DictConfig) -> None:
         sys.exit(code)
 
 
+def planned_run_dir(argv: list[str]) -> str:
+    """The run dir Hydra will use (``hydra.run.dir``, resolved now)."""
+    return str(compose_cfg(argv, return_hydra_config=True).hydra.run.dir)
+
+
 def precheck(argv: list[str]) -> None:
-    """Compose plain override lists once up front, so a typo or a wrong type is one clear
-    line (Hydra's own handling covers flags such as ``-m``, ``--cfg`` and ``--help``)."""
+    """Compose and check plain override lists up front, before Hydra creates or writes into
+    the run dir: a typo, a wrong type or a refused layout/checkpoint setting is one clear line
+    and nothing on disk changes (Hydra's own handling covers ``-m``, ``--cfg``, ``--help``)."""
     if any(arg.startswith("-") for arg in argv):
         return
     try:
-        compose(argv)
-    except ConfigError as err:
+        check_all(compose(argv), planned_run_dir(argv))
+    except (ConfigError, PreflightError) as err:
         print(f"mptk: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -458,23 +458,6 @@ def first_intact(pool: list[Path], own: bool) -> Plan:
     return plan
 
 
-def startup_problems(cfg) -> list[str]:
-    """What can be told before any process starts: ``resume=none`` over existing checkpoints,
-    a ``resume``/``init_from`` path holding no checkpoint (one line each)."""
-    resume, own = str(cfg.train.resume), candidates(checkpoints_dir(cfg.run_dir))
-    problems = []
-    if resume == "none" and own:
-        problems.append(f"train.resume=none but {own[0]} exists; use a new hydra.run.dir, "
-                        f"delete {own[0].parent} or train.resume=auto")
-    if resume not in ("none", "auto") and not own and not resolve(resume):
-        problems.append(f"train.resume={resume}: no checkpoint there; give a checkpoint, its "
-                        f"checkpoints dir or its run dir")
-    if cfg.train.init_from and not resolve(cfg.train.init_from):
-        problems.append(f"train.init_from={cfg.train.init_from}: no checkpoint there; give a "
-                        f"checkpoint, its checkpoints dir or its run dir")
-    return problems
-
-
 def choose(cfg) -> Plan:
     """The checkpoint to resume from (rank 0 lists, every rank verifies a share)."""
     resume, own = str(cfg.train.resume), candidates(checkpoints_dir(cfg.run_dir))
@@ -493,15 +476,21 @@ def choose(cfg) -> Plan:
     return first_intact(pool, own=False)
 
 
+def layout_message(folder: Path, saved: dict, now: dict) -> Optional[str]:
+    """One line when a full resume from ``folder`` (saved with ``saved``) cannot run as ``now``."""
+    diff = [f"{k} {saved.get(k)}->{now[k]}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if not diff:
+        return None
+    return (f"train.resume: {folder} was saved with another layout ({', '.join(diff)}); "
+            f"a full resume needs the same one: restore it, or start a new hydra.run.dir with "
+            f"train.init_from={folder} (its weights, a fresh optimizer)")
+
+
 def check_layout(plan: Plan, now: dict) -> None:
     """A full resume needs the saved layout; otherwise one line pointing at init_from."""
-    saved = plan.meta.get("layout", {})
-    diff = [f"{k} {saved.get(k)}->{now[k]}" for k in RESUME_KEYS if saved.get(k) != now[k]]
-    if diff:
-        raise CheckpointError(
-            f"train.resume: {plan.folder} was saved with another layout ({', '.join(diff)}); "
-            f"a full resume needs the same one: restore it, or start a new hydra.run.dir with "
-            f"train.init_from={plan.folder} (its weights, a fresh optimizer)")
+    message = layout_message(plan.folder, plan.meta.get("layout", {}), now)
+    if message:
+        raise CheckpointError(message)
 
 
 def init_weights(cfg, model: torch.nn.Module) -> Path:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from e2e_util import BIN, metrics, mptk, tiny
 
@@ -39,7 +40,7 @@ def test_bad_input_fails_before_any_process(tmp_path, override, message):
     assert out.returncode == 2
     assert message in out.stderr and "mptk: error:" in out.stderr
     assert "Traceback" not in out.stderr
-    assert not (run_dir / "metrics.jsonl").exists()
+    assert not run_dir.exists()  # refused before Hydra creates the run dir
 
 
 def test_torchrun_tp2(tmp_path, cache):
@@ -83,3 +84,19 @@ def test_resume_none_over_checkpoints_is_refused_and_keeps_them(tmp_path, cache)
     out = mptk(*args, "train.resume=none")
     assert out.returncode == 2 and "train.resume=none but" in out.stderr, out.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved
+
+
+def test_resume_at_another_layout_is_refused_before_any_process(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    args = (*tiny(cache), "train=smoke", "train.steps=2", "parallel=single",
+            "train.global_batch_size=4", f"hydra.run.dir={run_dir}")
+    assert mptk(*args, "launcher.nproc_per_node=1").returncode == 0
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    out = mptk(*args, "launcher.nproc_per_node=2", "train.steps=4")
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = [x for x in out.stderr.splitlines() if "another layout" in x]
+    assert len(lines) == 1 and "dp 1->2" in lines[0] and "train.init_from=" in lines[0], out.stderr
+    assert "layout tp=" not in out.stdout  # no worker started
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")  # Hydra did not rewrite it
+    assert saved.train.steps == 2 and saved.launcher.nproc_per_node == 1

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mptk.config.schema import DataConfig, DataSource, RunConfig
-from mptk.data.order import global_samples
+from mptk.data.order import Place, global_samples
 
 SPLIT_SEED = 0
 """Seed of the held-out split: fixed, so every run (any ``train.seed``) evaluates the same images."""
@@ -190,35 +190,29 @@ class ImageData:
     train: ImageSet
     heldout: ImageSet
     seed: int
-    micro_batch_size: int
-    grad_acc: int
-    dp_rank: int
-    dp_size: int
-    eval_batches_n: int
+    place: Place
 
     @classmethod
     def prepare(cls, cfg: RunConfig, layout, size: int, channels: int,
                 num_classes: int, log=print) -> "ImageData":
         """Load the configured images, split them and bind to this rank's dp place."""
-        from mptk.dist import groups
-
         images = load(cfg.data, size, channels)
         check_classes(images, num_classes)
         train, held = split(len(images), cfg.data.heldout_fraction)
         log(f"{cfg.data.source.value}: {len(images)} images, {len(images.classes)} classes "
             f"-> {len(train)} train / {len(held)} held-out")
         return cls(train=images.subset(train), heldout=images.subset(held),
-                   seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
-                   grad_acc=layout.grad_acc, dp_rank=groups.dp_rank(), dp_size=layout.dp,
-                   eval_batches_n=cfg.train.eval_batches)
+                   seed=cfg.train.seed, place=Place.of(cfg, layout))
 
     def batch(self, step: int, micro: int) -> dict:
-        return self.train.batch(sample_indices(
-            self.seed, len(self.train), step, micro, self.micro_batch_size, self.grad_acc,
-            self.dp_rank, self.dp_size))
+        p = self.place
+        return self.train.batch(sample_indices(self.seed, len(self.train), step, micro,
+                                               p.micro_batch_size, p.grad_acc, p.dp_rank,
+                                               p.dp_size))
 
     def eval_batches(self) -> list[dict]:
-        shards = eval_shards(len(self.heldout), self.eval_batches_n, self.dp_rank, self.dp_size)
+        p = self.place
+        shards = eval_shards(len(self.heldout), p.eval_batches, p.dp_rank, p.dp_size)
         return [self.heldout.batch(idx) for idx in shards]
 
 

@@ -39,7 +39,7 @@ import torch
 from mptk.config.schema import RunConfig
 from mptk.data import blend as blends
 from mptk.data import corpus, preprocess, tokenizer
-from mptk.data.order import global_samples  # noqa: F401  (also re-exported)
+from mptk.data.order import Place, global_samples  # noqa: F401  (global_samples re-exported)
 
 STDLIB_VERSION = 1
 """Bump when the stdlib .bin/.idx layout changes: old caches are then ignored."""
@@ -76,43 +76,35 @@ class IndexedData:
     train: Any
     valid: Any
     test: Optional[Any]
-    micro_batch_size: int
-    grad_acc: int
-    dp_rank: int
-    dp_size: int
-    eval_batches_n: int
+    place: Place
 
     @classmethod
     def prepare(cls, cfg: RunConfig, layout, vocab_size: int, log=print,
                 dp_rank: Optional[int] = None) -> "IndexedData":
         """Build (once, cached) the splits; bind to this rank's dp place."""
-        if dp_rank is None:
-            from mptk.dist import groups
-
-            dp_rank = groups.dp_rank()
+        place = Place.of(cfg, layout, dp_rank)
         train, valid, test = datasets(cfg, layout.dp, vocab_size, log)
-        return cls(train=train, valid=valid, test=test,
-                   micro_batch_size=cfg.train.micro_batch_size, grad_acc=layout.grad_acc,
-                   dp_rank=dp_rank, dp_size=layout.dp, eval_batches_n=cfg.train.eval_batches)
+        return cls(train=train, valid=valid, test=test, place=place)
 
     def samples(self, step: int, micro: int) -> list[int]:
         """Global sample indices of ``batch(step, micro)``."""
-        return global_samples(step, micro, self.micro_batch_size, self.grad_acc,
-                              self.dp_rank, self.dp_size)
+        return self.place.samples(step, micro)
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         return collate(self.train, self.samples(step, micro))
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
-        return fixed_batches(self.valid, self.micro_batch_size, self.eval_batches_n,
-                             self.dp_rank, self.dp_size)
+        return self._fixed(self.valid)
 
     def test_batches(self) -> list[dict[str, torch.Tensor]]:
         """Like :meth:`eval_batches` on the test split (needs a test share in data.split)."""
         if self.test is None:
             raise ValueError("data.split has no test share (e.g. use data.split=[969,30,1])")
-        return fixed_batches(self.test, self.micro_batch_size, self.eval_batches_n,
-                             self.dp_rank, self.dp_size)
+        return self._fixed(self.test)
+
+    def _fixed(self, split) -> list[dict[str, torch.Tensor]]:
+        p = self.place
+        return fixed_batches(split, p.micro_batch_size, p.eval_batches, p.dp_rank, p.dp_size)
 
 
 # ---------------------------------------------------------------------------------------

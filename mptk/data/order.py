@@ -9,6 +9,9 @@ step * global batch).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 
 def global_samples(step: int, micro: int, micro_batch_size: int, grad_acc: int,
                    dp_rank: int, dp_size: int) -> list[int]:
@@ -18,3 +21,31 @@ def global_samples(step: int, micro: int, micro_batch_size: int, grad_acc: int,
     global_batch = micro_batch_size * grad_acc * dp_size
     base = step * global_batch + micro * micro_batch_size * dp_size + dp_rank * micro_batch_size
     return [base + row for row in range(micro_batch_size)]
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where one dp rank reads: its micro-batch shape in the global order and its eval share
+    (the binding every data source of the loop shares)."""
+
+    micro_batch_size: int
+    grad_acc: int
+    dp_rank: int
+    dp_size: int
+    eval_batches: int
+    """Held-out micro-batches per rank per evaluation (``train.eval_batches``)."""
+
+    @classmethod
+    def of(cls, cfg, layout, dp_rank: Optional[int] = None) -> "Place":
+        """This rank's place for ``cfg.train`` and ``layout`` (dp rank from the groups)."""
+        if dp_rank is None:
+            from mptk.dist import groups
+
+            dp_rank = groups.dp_rank()
+        return cls(micro_batch_size=cfg.train.micro_batch_size, grad_acc=layout.grad_acc,
+                   dp_rank=dp_rank, dp_size=layout.dp, eval_batches=cfg.train.eval_batches)
+
+    def samples(self, step: int, micro: int) -> list[int]:
+        """Global sample indices of micro-batch ``micro`` of ``step`` on this rank."""
+        return global_samples(step, micro, self.micro_batch_size, self.grad_acc,
+                              self.dp_rank, self.dp_size)

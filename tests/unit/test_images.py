@@ -8,6 +8,7 @@ from PIL import Image
 
 from mptk.config.schema import DataConfig, DataSource
 from mptk.data import images
+from mptk.data.order import Place
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,9 +130,9 @@ def test_eval_shards_need_one_image_per_rank():
 
 def test_image_data_batches(digits):
     train, held = images.split(len(digits), 0.2)
+    place = Place(micro_batch_size=8, grad_acc=2, dp_rank=1, dp_size=2, eval_batches=4)
     data = images.ImageData(train=digits.subset(train), heldout=digits.subset(held), seed=1,
-                            micro_batch_size=8, grad_acc=2, dp_rank=1, dp_size=2,
-                            eval_batches_n=4)
+                            place=place)
     batch = data.batch(3, 1)
     assert tuple(batch["images"].shape) == (8, 1, 8, 8) and tuple(batch["labels"].shape) == (8,)
     assert np.array_equal(batch["labels"], data.batch(3, 1)["labels"])
@@ -226,10 +227,11 @@ def test_vit_experiment_passes_preflight():
     ("model.channels=2", "model.channels(2) must be 1 (grey) or 3 (RGB)"),
     ("data.source=stdlib", "data.source=stdlib is text; the ViT recipe needs images"),
     ("data.source=image_folder", "data.image_root is empty"),
-    ("parallel.pp=2", "the ViT recipe runs without pipeline parallelism"),
+    ("parallel.pp=2 model.seq_length=16", "model.seq_length(16) must be (image_size/patch_size)**2 + 1 = 17"),
 ])
 def test_vit_checks_name_the_fix(override, expected):
-    assert any(expected in line for line in vit_problems(override)), vit_problems(override)
+    problems = vit_problems(*override.split())
+    assert any(expected in line for line in problems), problems
 
 
 def test_vit_checks_image_folder_classes(folder):

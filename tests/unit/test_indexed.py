@@ -60,7 +60,7 @@ def make(cfg, dp=1, dp_rank=0, log=lambda s: None) -> indexed.IndexedData:
 
 
 def step_rows(data: indexed.IndexedData, step: int) -> torch.Tensor:
-    return torch.cat([data.batch(step, m)["tokens"] for m in range(data.grad_acc)])
+    return torch.cat([data.batch(step, m)["tokens"] for m in range(data.place.grad_acc)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_blend_weights_within_two_percent(corpus):
     cfg = run_cfg(root, f"data.blend=[0.3,{root / 'a'},0.7,{root / 'b'}]",
                   "train.steps=1250")  # 10,000 samples
     data = make(cfg)
-    samples = [g for s in range(1250) for m in range(data.grad_acc) for g in data.samples(s, m)]
+    samples = [g for s in range(1250) for m in range(data.place.grad_acc) for g in data.samples(s, m)]
     assert len(samples) == 10_000 == len(set(samples))
     counts = Counter(int(data.train[g]["dataset_id"]) for g in samples)
     assert abs(counts[0] / 10_000 - 0.3) < 0.02 and abs(counts[1] / 10_000 - 0.7) < 0.02

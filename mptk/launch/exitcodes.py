@@ -18,3 +18,10 @@ CONFIG_ERROR = 2
 REQUEUE_EXIT_CODE = 3
 """Saved a checkpoint (e.g. on SIGUSR1 before the time limit, or on preemption): please requeue.
 Every rank must exit with it, after the save has completed everywhere."""
+
+NONFINITE_EXIT_CODE = 4
+"""A non-finite loss or gradient norm under ``debug.nan_policy=stop`` (rank and step logged)."""
+
+HANG_EXIT_CODE = 5
+"""The hang watchdog fired: no step completed within ``debug.hang_timeout_s``; stacks of every
+rank in ``run_dir/hang/``."""

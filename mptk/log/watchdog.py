@@ -20,12 +20,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mptk.config.schema import DebugConfig, NanPolicy
+from mptk.launch.exitcodes import HANG_EXIT_CODE, NONFINITE_EXIT_CODE
 from mptk.log import ranklog
-
-NONFINITE_EXIT_CODE = 4
-"""Exit code of a rank that stopped on a NaN/Inf loss or gradient norm."""
-HANG_EXIT_CODE = 5
-"""Exit code of a rank whose watchdog saw no step complete within ``debug.hang_timeout_s``."""
 
 TEST_NAN_ENV = "MPTK_TEST_NAN_AT_STEP"
 TEST_HANG_RANK_ENV = "MPTK_TEST_HANG_RANK"

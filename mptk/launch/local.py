@@ -48,14 +48,35 @@ CLEAN_EXITS = (0, REQUEUE_EXIT_CODE)
 
 
 def forward_signals(procs: list) -> None:
-    """Pass SIGTERM/SIGUSR1 sent to this launcher on to every live worker."""
+    """Pass SIGTERM/SIGUSR1 sent to this launcher on to every live worker; a first Ctrl-C
+    (SIGINT) goes on as SIGTERM (save, then stop), a second one kills the workers."""
+    interrupts = []
+
     def forward(signum, frame):
+        if signum == signal.SIGINT:
+            interrupts.append(signum)
+            if len(interrupts) > 1:
+                _kill_now(procs)
+            print("mptk: Ctrl-C: workers finish this step, save a checkpoint and stop "
+                  "(Ctrl-C again to stop at once, without saving)", flush=True)
+            signum = signal.SIGTERM
         for p in procs:
             if p.is_alive():
                 os.kill(p.pid, signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, forward)
+
+
+def _kill_now(procs: list) -> None:
+    """The second Ctrl-C: SIGKILL every worker, exit 130."""
+    from mptk.train.signals import INTERRUPTED_EXIT_CODE
+
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    print("mptk: stopped at once (second Ctrl-C); no checkpoint of this step", flush=True)
+    os._exit(INTERRUPTED_EXIT_CODE)
 
 
 def wait(procs: list) -> int:

@@ -1,4 +1,5 @@
-"""Stop requests: SIGTERM and SIGUSR1 ask a run to finish its step, save and exit 3.
+"""Stop requests: SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) ask a run to finish its step,
+save and exit 3; a second Ctrl-C ends the process at once (exit 130).
 
 A handler only notes the signal. Ranks get it at different times (or not at all), so after
 every step :func:`agree_stop` takes the MAX of the local flags over the world: all ranks see
@@ -14,9 +15,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """Signals that mean: save and stop (Slurm sends SIGUSR1 before the time limit, SIGTERM on
-preemption/scancel; the local launcher forwards both)."""
+preemption/scancel; the local launcher forwards both, and a Ctrl-C as SIGTERM)."""
+
+INTERRUPTED_EXIT_CODE = 130
+"""A second Ctrl-C: the shell's code for death by SIGINT."""
 
 TEST_SIGTERM_ENV = "MPTK_TEST_SIGTERM_AFTER_STEP"
 """Test hook: after this step, rank 0 sends SIGTERM to its parent (the launcher)."""
@@ -25,6 +29,8 @@ _received: list[int] = []
 
 
 def _note(signum, frame) -> None:
+    if signum == signal.SIGINT and signal.SIGINT in _received:
+        os._exit(INTERRUPTED_EXIT_CODE)  # a second Ctrl-C: leave now, no save
     _received.append(signum)
 
 

@@ -65,3 +65,48 @@ def check_tools(run, out):
     state = torch.load(out)
     assert state["embedding.word_embeddings.weight"].shape == (512, 64)
     assert all(v.dtype == torch.float32 for v in state.values())
+
+
+def start_in_own_group(args: tuple, out) -> "subprocess.Popen":
+    """mptk-train as a terminal's foreground job: its own process group, which a Ctrl-C hits."""
+    import subprocess
+
+    from e2e_util import BIN
+
+    return subprocess.Popen([str(BIN / "mptk-train"), *args], stdout=out, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for_step(run, step: int, proc, timeout: float = 120) -> None:
+    import time
+
+    log, end = run / "logs" / "rank_1.log", time.time() + timeout
+    while not (log.exists() and f"step {step}/" in log.read_text()):
+        assert proc.poll() is None and time.time() < end, "run ended or timed out"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_saves_and_stops_a_second_one_stops_at_once(tmp_path, cache):
+    import os
+    import signal
+    import time
+
+    args = (*tiny(cache), "train=smoke", "train.eval_interval=0", "train.steps=100000",
+            "parallel.tp=1", "launcher.nproc_per_node=2", "zero=zero1", "train.save_interval=-1")
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    with open(tmp_path / "once.out", "w") as out:
+        proc = start_in_own_group((*args, f"hydra.run.dir={once}"), out)
+        wait_for_step(once, 2, proc)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+        assert proc.wait(timeout=120) == 3, (tmp_path / "once.out").read_text()
+    stopped = metrics(once)[-1]["step"]
+    assert (once / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    assert "Ctrl-C" in (tmp_path / "once.out").read_text()
+    with open(tmp_path / "twice.out", "w") as out:
+        proc = start_in_own_group((*args, f"hydra.run.dir={twice}"), out)
+        wait_for_step(twice, 2, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)  # two signals sent at once merge into one pending signal
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, (tmp_path / "twice.out").read_text()
+    assert "stopped at once (second Ctrl-C)" in (tmp_path / "twice.out").read_text()

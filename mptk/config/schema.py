@@ -182,6 +182,12 @@ class OptimConfig:
     """Linear warm-up steps."""
     schedule: LRSchedule = LRSchedule.cosine
     """Decay after warm-up, down to ``min_lr`` at ``train.steps``."""
+    foreach: Optional[bool] = None
+    """torch's multi-tensor (``foreach``) optimizer kernels; ``None`` = torch's default (on for
+    CUDA tensors, off on the CPU). Same numbers as the per-parameter loop (mptk #10)."""
+    fused: Optional[bool] = None
+    """torch's fused AdamW/SGD kernel (one launch for all parameters, CUDA and CPU); ``None`` =
+    torch's default (off). DeepSpeed takes it as a plain torch optimizer: no JIT build."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -242,6 +248,10 @@ class TrainConfig:
     init_from: Optional[str] = None
     """Path of a checkpoint whose weights start this run (any tp/pp layout; fresh optimizer,
     step 0), e.g. for fine-tuning; ignored once this run dir has its own checkpoints."""
+    compile: bool = False
+    """``torch.compile`` each megatron transformer layer in place (mptk #10; parameter names
+    and checkpoints unchanged). The first steps pay the compilation; not with ZeRO-3. On the
+    CPU inductor needs a C++ compiler."""
 
 
 @dataclass(kw_only=True, slots=True)

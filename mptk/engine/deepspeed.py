@@ -74,11 +74,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """A torch optimizer handed to DeepSpeed (no fused/CPU-Adam JIT build)."""
+    """A torch optimizer handed to DeepSpeed (no fused/CPU-Adam JIT build); ``optim.foreach``
+    and ``optim.fused`` pick torch's multi-tensor or fused kernels (mptk #10)."""
     opt, groups = cfg.optim, param_groups(model, cfg.optim.weight_decay)
+    kernels = {"foreach": opt.foreach, "fused": opt.fused}
     if opt.name is OptimizerName.sgd:
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.beta1)
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.beta1, **kernels)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                             **kernels)
 
 
 def lr_factor(step: int, cfg: RunConfig) -> float:

@@ -88,6 +88,8 @@ def build_model(recipe: registry.Recipe, cfg: RunConfig, layout: Layout, device,
     with device_scope():
         chunks = [recipe.build(cfg.model, model_context(cfg, layout, vp, backend)).to(device)
                   for vp in stages]
+    from mptk.models import speed  # mptk #10: parameter dtype, train.compile
+    speed.apply(chunks, cfg)
     return chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
 
 

@@ -101,6 +101,9 @@ def _pipeline(cfg: RunConfig, dp: int | None) -> list[str]:
             problems.append(f"interleaved schedule: micro-batches({m}) = global_batch_size("
                             f"{t.global_batch_size})/(micro_batch_size({t.micro_batch_size})*dp("
                             f"{dp})) must be a multiple of pp({p.pp}); change the batch sizes")
+    if (p.vpp or 1) > 1 and p.pp > 1 and t.eval_batches % p.pp:  # held-out micro-batches too
+        problems.append(f"interleaved schedule: train.eval_batches({t.eval_batches}) must be a "
+                        f"multiple of pp({p.pp}); e.g. train.eval_batches={2 * p.pp}")
     return problems
 
 

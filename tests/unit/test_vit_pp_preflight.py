@@ -40,3 +40,13 @@ def test_vit_bad_patch_reports_once_at_pp2():
     lines = problems(*PP2, "model.patch_size=3")
     assert any("model.patch_size(3) must divide" in line for line in lines)
     assert not any("model.seq_length(" in line for line in lines), lines
+
+
+def test_interleaved_eval_batches_must_divide_by_pp():
+    """megatron's interleaved schedule refuses M % pp != 0 at the first evaluation (found with
+    the ViT at vpp=2, train.eval_batches=3); preflight says so before anything starts."""
+    vpp = (*PP2, "parallel.vpp=2", "model.num_layers=4", "train.micro_batch_size=16")
+    lines = problems(*vpp, "train.eval_batches=3")
+    assert any("train.eval_batches(3) must be a multiple of pp(2)" in line for line in lines)
+    assert problems(*vpp, "train.eval_batches=2") == []
+    assert problems(*PP2, "train.eval_batches=3") == []  # 1F1B takes any count

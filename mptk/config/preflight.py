@@ -65,6 +65,7 @@ def preflight(cfg: RunConfig, world_size: int, cuda_available: bool) -> Layout:
         *_data(cfg.data),
         *_recipe(cfg),
         *slurm_world(cfg.cluster, world_size),
+        *_peak(cfg.cluster),
     ]
     stages, stage_problems = _stages(cfg)
     problems += stage_problems + _pipeline(cfg, dp)
@@ -280,6 +281,22 @@ def _device(cfg: RunConfig, cuda: bool) -> list[str]:
         problems.append("train.dtype=fp16 is not supported on CPU; use train.dtype=bf16 or fp32")
     if backend is Backend.nccl and on_cpu:
         problems.append("launcher.backend=nccl needs CUDA but the run is on CPU; use launcher.backend=auto or gloo")
+    return problems
+
+
+def _peak(cluster) -> list[str]:
+    """The GPU named for MFU and the planner is in the table; an explicit peak is positive."""
+    from mptk.plan import hardware
+
+    problems = []
+    if cluster.gpu:
+        try:
+            hardware.gpu(cluster.gpu)
+        except KeyError as err:
+            problems.append(f"{err.args[0]}; or give cluster.peak_tflops=<dense TFLOP/s>")
+    if cluster.peak_tflops is not None and cluster.peak_tflops <= 0:
+        problems.append(f"cluster.peak_tflops({cluster.peak_tflops}) must be > 0 (the device's "
+                        f"peak dense TFLOP/s for MFU); or leave it unset")
     return problems
 
 

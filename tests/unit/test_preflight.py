@@ -42,6 +42,9 @@ def make(changes: dict | None = None) -> RunConfig:
 
 # (changes, world, cuda, parts of the message)
 BAD = {
+    "unknown gpu": ({"cluster.gpu": "h900"}, 4, False,
+                    ["cluster.gpu='h900' is not in the GPU table", "cluster.peak_tflops="]),
+    "peak<=0": ({"cluster.peak_tflops": 0.0}, 4, False, ["cluster.peak_tflops(0.0) must be > 0"]),
     "tp<1": ({"parallel.tp": 0}, 4, False, ["parallel.tp(0) must be >= 1"]),
     "pp<1": ({"parallel.pp": 0}, 4, False, ["parallel.pp(0) must be >= 1"]),
     "world<1": ({}, 0, False, ["world(0) must be >= 1", "launcher.nproc_per_node"]),

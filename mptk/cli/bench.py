@@ -242,7 +242,8 @@ def torch_worker(env, job: dict) -> dict:
         raise ValueError("the plain-PyTorch baseline runs fp32 or bf16 (fp16 needs a loss scaler)")
     torch.manual_seed(cfg.train.seed)
     began = time.perf_counter()
-    model = PlainGPT(cfg.model).to(device)
+    with device:  # initialised where it runs (a 1.3B model's CPU init takes many seconds)
+        model = PlainGPT(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps,
                             betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -336,7 +336,9 @@ def run_ranks(fn, world: int, job: dict, timeout: float) -> list[dict]:
         raise RuntimeError(errors[0] if errors else f"timed out after {timeout:.0f} s")
     if any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"worker exit codes {[p.exitcode for p in procs]}")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    shutil.rmtree(out, ignore_errors=True)
+    return results
 
 
 # ----------------------------------------------------------------------- the command
@@ -452,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     nproc = args.nproc or max(1, torch.cuda.device_count())
     variants = ordered(args.variants.split(","))
     try:
-        prepare_data(compose_variant(args, variants[-1], nproc))
+        if variants[-1] not in BASELINES:  # mptk variants read the recipe's data
+            prepare_data(compose_variant(args, variants[-1], nproc))
     except ConfigError as err:
         say(f"error: {err}")
         return 2

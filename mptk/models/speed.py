@@ -61,8 +61,9 @@ def compile_layers(model: torch.nn.Module) -> int:
     """``torch.compile`` each transformer layer in place; returns the number compiled.
 
     Raises ``ValueError`` with the fix when it cannot work: no transformer layer in the model,
-    or no compiler for inductor on this device. Tested equal to eager on the CPU at tp=2, pp=2,
-    dp=2 with ZeRO-1 and ZeRO-3 (ZeRO-3's parameter hooks split the graph, but it runs).
+    or no compiler for inductor on this device. Equal to eager on the CPU at dp=2 ZeRO-1 and
+    tp=2 ZeRO-3 (``tests/dist/test_speed.py``; ZeRO-3's hooks split the graph, but it runs) and,
+    tried by hand, at pp=2.
     """
     compiler_problem = inductor_problem(next(model.parameters()).device)
     if compiler_problem:
@@ -104,9 +105,10 @@ def inductor_problem(device: torch.device) -> str | None:
             "clang++ found); install one (apt-get install g++)")
 
 
-TP_GROUP_LOOKUP = ("megatron.core.tensor_parallel.layers", "get_tensor_model_parallel_group_if_none")
-"""The megatron name :func:`_quiet_tp_group_lookup` wraps (``tests/dist/test_speed_options.py`` checks it
-is there and still warns)."""
+TP_GROUP_LOOKUP = ("megatron.core.tensor_parallel.layers",
+                   "get_tensor_model_parallel_group_if_none")
+"""The megatron name :func:`_quiet_tp_group_lookup` wraps (``tests/dist/test_speed_options.py``
+checks it is there and still warns)."""
 
 
 def _quiet_tp_group_lookup() -> None:

@@ -76,7 +76,8 @@ def test_unknown_variant_is_refused(capsys):
 def test_baselines_first_and_ratio():
     assert bench.ordered(["zero1", "torch_eager", "torch_compile"]) == \
         ["torch_eager", "torch_compile", "zero1"]
-    done = {"torch_eager": {"tflops_per_device": 100.0}, "torch_compile": {"tflops_per_device": 200.0}}
+    done = {"torch_eager": {"tflops_per_device": 100.0},
+            "torch_compile": {"tflops_per_device": 200.0}}
     record = {"tflops_per_device": 150.0}
     bench.add_ratio(record, done)
     assert record == {"tflops_per_device": 150.0, "baseline": "torch_compile", "vs_baseline": 0.75}

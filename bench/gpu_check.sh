@@ -88,6 +88,10 @@ timeout --signal=INT "${BENCH_BUDGET:-420}" python3 -m mptk.cli.bench --shape "$
     --timeout "${BENCH_TIMEOUT:-240}" --out "$OUT/bench.jsonl" ${BENCH_ARGS:-} \
     > /dev/null 2> "$OUT/bench.log"
 code=$?
+if [[ $code == 124 ]]; then  # not 124 to the caller: that reads as the device call's own timeout
+    say "BENCH_BUDGET (${BENCH_BUDGET:-420} s) reached: variants after the last line did not run"
+    code=5
+fi
 say "mptk-bench exit $code (log: $OUT/bench.log, lines: $OUT/bench.jsonl)"
 tail -n 40 "$OUT/bench.log" | grep -v '^\s*warnings.warn' | tail -n 25
 say "table"

@@ -56,6 +56,8 @@ VARIANTS = {
     "zero1_fused": ["zero=zero1", "optim.fused=true"],
     "zero1_compile": ["zero=zero1", "optim.fused=true", "train.compile=true"],
     "zero0_compile": ["zero=zero0", "optim.fused=true", "train.compile=true"],
+    "zero1_compile_loss": ["zero=zero1", "optim.fused=true", "train.compile=true",
+                           "train.compile_loss=true"],
     "local": ["zero=zero0", "model.attention=local"],
 }
 """Variant name -> overrides after the shape's and the user's (None: a PlainGPT baseline)."""

@@ -250,8 +250,12 @@ class TrainConfig:
     step 0), e.g. for fine-tuning; ignored once this run dir has its own checkpoints."""
     compile: bool = False
     """``torch.compile`` each megatron transformer layer in place (mptk #10; parameter names
-    and checkpoints unchanged). The first steps pay the compilation; not with ZeRO-3. On the
-    CPU inductor needs a C++ compiler."""
+    and checkpoints unchanged; one graph shared by all layers). The first step pays the
+    compilation; under ZeRO-3 the parameter hooks split the graph. On the CPU inductor needs a
+    C++ compiler."""
+    compile_loss: bool = False
+    """``torch.compile`` a GPT's cross-entropy over the logits too (mptk #10). Same losses; on
+    the CPU it was slower and took more memory than eager, on a GPU it is unmeasured."""
 
 
 @dataclass(kw_only=True, slots=True)

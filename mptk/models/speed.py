@@ -14,8 +14,8 @@ the CPU to give the same losses as the plain path (``tests/dist/test_speed.py``)
   numbers, and keeps parameter names and checkpoints unchanged.
 - ``train.compile``: ``torch.compile`` of every megatron ``TransformerLayer`` in place
   (``nn.Module.compile``: the module, its parameter names and state dict stay the same, so
-  checkpoints and DeepSpeed see the plain model), and of a GPT's loss over the logits. Layers
-  share one compiled graph (at tp=1: two graphs in all, no graph break).
+  checkpoints and DeepSpeed see the plain model). Layers share one compiled graph.
+- ``train.compile_loss``: ``torch.compile`` of a GPT's cross-entropy over the logits.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def apply(chunks: list[torch.nn.Module], cfg: RunConfig) -> list[torch.nn.Module
         cast_params(chunk, cfg.train.dtype)
         if cfg.train.compile:
             compile_layers(chunk)
+        if cfg.train.compile_loss:
+            compile_loss(chunk)
     return chunks
 
 
@@ -59,8 +61,7 @@ def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def compile_layers(model: torch.nn.Module) -> int:
-    """``torch.compile`` each transformer layer in place (and a language model's loss);
-    returns the number of layers compiled.
+    """``torch.compile`` each transformer layer in place; returns the number compiled.
 
     Raises ``ValueError`` with the fix when it cannot work: no transformer layer in the model,
     or no compiler for inductor on this device. Equal to eager on the CPU at dp=2 ZeRO-1 and
@@ -78,17 +79,24 @@ def compile_layers(model: torch.nn.Module) -> int:
     _quiet_tp_group_lookup()
     for layer in layers:
         layer.compile()
-    _compile_language_model_loss(model)
     return len(layers)
 
 
-def _compile_language_model_loss(model: torch.nn.Module) -> None:
-    """The last stage's cross-entropy over the logits (megatron's ``vocab_parallel_cross_entropy``:
-    several fp32 passes over ``[s, b, vocab]``) as one compiled function, when the model is a
-    megatron language model (GPT; the ViT has its own head). An instance attribute: the module,
-    its parameters and state dict are unchanged."""
-    if getattr(model, "post_process", False) and hasattr(model, "compute_language_model_loss"):
-        model.compute_language_model_loss = torch.compile(model.compute_language_model_loss)
+def compile_loss(model: torch.nn.Module) -> bool:
+    """``train.compile_loss``: the last stage's cross-entropy over the logits (megatron's
+    ``vocab_parallel_cross_entropy``, several fp32 passes over ``[s, b, vocab]``) as one compiled
+    function, when the model is a megatron language model (GPT; the ViT has its own head). An
+    instance attribute: the module, its parameters and state dict are unchanged. Returns whether
+    this chunk had such a loss."""
+    problem = inductor_problem(next(model.parameters()).device)
+    if problem:
+        raise ValueError(f"train.compile_loss=true: {problem}; or set train.compile_loss=false")
+    language_model = hasattr(model, "compute_language_model_loss")
+    if not (language_model and getattr(model, "post_process", False)):
+        return False
+    _quiet_tp_group_lookup()
+    model.compute_language_model_loss = torch.compile(model.compute_language_model_loss)
+    return True
 
 
 def _allow_one_graph_per_layer(count: int) -> None:

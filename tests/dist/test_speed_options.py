@@ -46,3 +46,8 @@ def test_tp_group_lookup_is_still_the_warning_one():
     assert "def get_tensor_model_parallel_group_if_none" in source
     assert "Passing tp_group will be mandatory soon" in source
     assert "tp_group=None" in inspect.getsource(module.RowParallelLinear.forward)
+
+
+def test_compile_loss_skips_models_without_a_language_loss(monkeypatch):
+    monkeypatch.setattr(speed, "inductor_problem", lambda device: None)
+    assert speed.compile_loss(torch.nn.Linear(2, 2)) is False

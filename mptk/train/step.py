@@ -38,12 +38,13 @@ def grad_norm(model: torch.nn.Module) -> float:
     """
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros((), dtype=torch.float64)
-    for param in model.parameters():
-        if param.grad is not None and counts_in_norm(param):
-            total += param.grad.detach().double().pow(2).sum().cpu()
-    dist.all_reduce(total, group=ps.get_model_parallel_group())
-    return total.sqrt().item()
+    squares = [param.grad.detach().double().pow(2).sum() for param in model.parameters()
+               if param.grad is not None and counts_in_norm(param)]
+    device = squares[0].device if squares else next(model.parameters()).device
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64,
+                                                                   device=device)
+    dist.all_reduce(total, group=ps.get_model_parallel_group())  # on the grads' device (NCCL)
+    return total.sqrt().item()  # the one host sync
 
 
 def time_grad_reduce(engine, phases: Phases) -> None:

@@ -52,3 +52,14 @@ def run_world(fn, world: int, *args, tmp: Path, timeout: float = 600) -> list:
     assert not errors, "\n".join(errors)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(world)]
+
+
+def assert_same(ref: dict, got: dict, rtol: float = 1e-5) -> None:
+    """Two runs' per-step losses and grad norms and their held-out figures agree (``eval_top1``,
+    a count ratio, exactly)."""
+    import numpy as np
+
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=rtol, atol=0)
+    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=rtol, atol=0)
+    np.testing.assert_allclose(got["eval"]["eval_loss"], ref["eval"]["eval_loss"], rtol=rtol)
+    assert got["eval"]["eval_top1"] == ref["eval"]["eval_top1"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import run_world
+from harness import assert_same, run_world
 from mptk.config.load import compose
 
 pytestmark = pytest.mark.dist
@@ -58,13 +58,6 @@ def train_and_eval(env, cfg):
         out["grad_norm"].append(norm)
     out["eval"] = evaluate(w.engine, w.recipe, w.data, w.device)
     return out
-
-
-def assert_same(ref, got, rtol=1e-5):
-    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(got["eval"]["eval_loss"], ref["eval"]["eval_loss"], rtol=rtol)
-    assert got["eval"]["eval_top1"] == ref["eval"]["eval_top1"]
 
 
 def test_vit_tp2_equals_tp1(vit, tmp_path):

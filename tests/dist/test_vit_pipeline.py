@@ -4,11 +4,10 @@ tp=2 x pp=2, and interleaved pp=2 vpp=2."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from harness import run_world
+from harness import assert_same, run_world
 from mptk.config.load import compose
 
 pytestmark = pytest.mark.dist
@@ -76,13 +75,6 @@ def train_and_eval(env, cfg, hook):
         out["grad_norm"].append(norm)
     out["eval"] = one_eval(w)
     return out
-
-
-def assert_same(ref, got, rtol=1e-5):
-    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(got["eval"]["eval_loss"], ref["eval"]["eval_loss"], rtol=rtol)
-    assert got["eval"]["eval_top1"] == ref["eval"]["eval_top1"]
 
 
 @pytest.fixture(scope="module")

@@ -281,7 +281,20 @@ def _device(cfg: RunConfig, cuda: bool) -> list[str]:
         problems.append("train.dtype=fp16 is not supported on CPU; use train.dtype=bf16 or fp32")
     if backend is Backend.nccl and on_cpu:
         problems.append("launcher.backend=nccl needs CUDA but the run is on CPU; use launcher.backend=auto or gloo")
-    return problems
+    return problems + _compiler(t, on_cpu)
+
+
+def _compiler(t: TrainConfig, on_cpu: bool) -> list[str]:
+    """``train.compile``/``compile_loss`` need inductor's compiler (C++ on CPU, Triton on CUDA)."""
+    if not (t.compile or t.compile_loss):
+        return []
+    import torch
+
+    from mptk.models.speed import inductor_problem
+
+    problem = inductor_problem(torch.device("cpu" if on_cpu else "cuda"))
+    return [f"train.compile: {problem}; or set train.compile=false train.compile_loss=false"] \
+        if problem else []
 
 
 def _peak(cluster) -> list[str]:

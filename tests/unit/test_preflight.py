@@ -218,3 +218,14 @@ def test_a_crashing_recipe_check_is_one_line(monkeypatch):
     monkeypatch.setattr(preflight_module.registry, "get", lambda name: recipe)
     with pytest.raises(PreflightError, match="model.recipe=stub: its checks failed"):
         preflight(make(), world_size=4, cuda_available=False)
+
+
+def test_compile_without_a_compiler_is_one_line(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(PreflightError) as info:
+        preflight(make({"train.compile": True}), world_size=4, cuda_available=False)
+    assert info.value.problems == [p for p in info.value.problems if "train.compile:" in p]
+    assert "C++ compiler" in info.value.problems[0] and "train.compile=false" in info.value.problems[0]
+    monkeypatch.undo()
+    assert preflight(make({"train.compile": True}), world_size=4, cuda_available=False)

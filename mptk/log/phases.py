@@ -71,7 +71,10 @@ class Phases:
         return event
 
     def _seconds(self, start, end) -> float:
-        return end - start if not self.cuda else start.elapsed_time(end) / 1000.0
+        if not self.cuda:
+            return end - start
+        end.synchronize()  # elapsed_time needs both events done (a no-op after window's sync)
+        return start.elapsed_time(end) / 1000.0
 
     def start(self, phase: str) -> None:
         if not self.active:

@@ -127,7 +127,7 @@ class Block(nn.Module):
 
 
 class PlainGPT(nn.Module):
-    """The GPT recipe's shape (:class:`recipes.gpt.recipe.GPTConfig`) in plain PyTorch;
+    """The GPT recipe's shape (:class:`mptk.recipes.gpt.recipe.GPTConfig`) in plain PyTorch;
     ``forward`` returns the mean next-token cross-entropy (computed in fp32)."""
 
     def __init__(self, m):
@@ -233,7 +233,7 @@ def torch_worker(env, job: dict) -> dict:
     """The plain-PyTorch baseline on one device: fp32 weights, autocast to the run's dtype,
     fused AdamW on CUDA, the same clipping, batch shape and per-device samples per step."""
     from mptk.config.schema import DType
-    from mptk.dist import groups
+    from mptk.parallel import groups
     from mptk.log.phases import Phases
 
     cfg, compiled = job["cfg"], BASELINES[job["variant"]]
@@ -298,7 +298,7 @@ def _torch_step(model, opt, cfg, device, grad_acc: int, phases):
 def _rank_main(fn, env, job: dict, out: Path) -> None:
     """A spawned rank: worker logs go to stderr (stdout carries only the JSON lines)."""
     os.dup2(2, 1)
-    from mptk.dist import groups
+    from mptk.parallel import groups
     from mptk.log.noise import quiet
 
     quiet()
@@ -316,7 +316,7 @@ def _rank_main(fn, env, job: dict, out: Path) -> None:
 def run_ranks(fn, world: int, job: dict, timeout: float) -> list[dict]:
     """``fn(env, job)`` on ``world`` fresh spawned ranks; their results in rank order, or
     ``RuntimeError`` naming the first failure (a traceback's last line) or the timeout."""
-    from mptk.dist.env import DistEnv
+    from mptk.parallel.env import DistEnv
     from mptk.launch.local import free_port
 
     out, port = Path(tempfile.mkdtemp(prefix="mptk-bench-")), free_port()
@@ -393,7 +393,7 @@ def prepare_data(cfg) -> None:
 
 def run_variant(args, variant: str, nproc: int) -> dict:
     """One variant's JSON record (``error`` set when it failed)."""
-    from mptk.config.preflight import PreflightError, preflight
+    from mptk.train.preflight import PreflightError, preflight
 
     cfg = compose_variant(args, variant, nproc)
     baseline = variant in BASELINES

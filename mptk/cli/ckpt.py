@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mptk.train import checkpoint as ck
+from mptk.checkpoint import core as ck
 
 
 class CliError(Exception):
@@ -124,7 +124,7 @@ def typed_config(saved: dict):
 
     from mptk.config.load import to_run_config
     from mptk.config.schema import RunConfig
-    from mptk.models import registry
+    from mptk.config import registry
 
     node = OmegaConf.structured(RunConfig)
     node.model = OmegaConf.structured(registry.get(saved["model"]["recipe"]).config)
@@ -135,8 +135,8 @@ def single_process_world(seed: int) -> None:
     """A one-rank gloo world with tp=1 pp=1 on the CPU."""
     import torch
 
-    from mptk.dist import groups
-    from mptk.dist.env import DistEnv
+    from mptk.parallel import groups
+    from mptk.parallel.env import DistEnv
     from mptk.launch.local import free_port
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
@@ -148,8 +148,8 @@ def full_model(cfg):
     """The whole model (tp=1 pp=1) on the CPU, built by the recipe."""
     import torch
 
-    from mptk.config.preflight import Layout
-    from mptk.models import registry
+    from mptk.parallel.layout import Layout
+    from mptk.config import registry
     from mptk.train.loop import build_model
 
     layout = Layout(tp=1, pp=1, dp=1, grad_acc=1, world=1)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mptk-ckpt: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     if args.command == "export":
-        from mptk.dist import groups
+        from mptk.parallel import groups
 
         groups.finish(0)
 

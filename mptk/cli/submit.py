@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 from mptk.config.load import ConfigError, compose, compose_cfg
-from mptk.config.preflight import PreflightError, preflight, slurm_world
+from mptk.train.preflight import PreflightError, preflight, slurm_world
 from mptk.config.schema import RunConfig
 from mptk.launch import slurm
-from mptk.launch.exitcodes import CONFIG_ERROR
+from mptk.exitcodes import CONFIG_ERROR
 from mptk.log.noise import quiet
 
 SCRIPT_NAME = "job.sbatch"

@@ -11,10 +11,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mptk.config.load import ConfigError, compose, compose_cfg, conf_dir, to_run_config
-from mptk.config.preflight import PreflightError, preflight
 from mptk.config.schema import RunConfig
 from mptk.config.store import register_schemas
-from mptk.dist.env import detect
+from mptk.train.preflight import PreflightError, startup
+from mptk.parallel.env import detect
 from mptk.log.noise import quiet
 
 
@@ -28,32 +28,8 @@ def check_all(cfg: RunConfig, run_dir: str) -> tuple[RunConfig, int]:
     cfg.run_dir = run_dir
     env = detect()
     world = env.world_size if env else cfg.launcher.nproc_per_node
-    layout = preflight(cfg, world, torch.cuda.is_available())
-    check_memory(cfg, layout)
-    check_checkpoints(cfg, layout)
+    startup(cfg, world, torch.cuda.is_available())
     return cfg, world
-
-
-def check_checkpoints(cfg: RunConfig, layout=None) -> None:
-    """Checkpoint settings that refer to the file system, before any process starts."""
-    from mptk.train.ckpt_preflight import startup_problems
-
-    problems = startup_problems(cfg, layout)
-    if problems:
-        raise PreflightError(problems)
-
-
-def check_memory(cfg: RunConfig, layout) -> None:
-    """GPU runs: refuse a layout mptk-plan predicts will not fit (``MPTK_PLAN_CHECK=0`` skips)."""
-    import os
-
-    from mptk.plan import predict_fits
-
-    if os.environ.get("MPTK_PLAN_CHECK", "1") == "0":
-        return
-    fits, reason = predict_fits(cfg, layout, getattr(cfg, "cluster", None))
-    if not fits:
-        raise PreflightError([f"memory: {reason} (MPTK_PLAN_CHECK=0 skips this check)"])
 
 
 def train(dcfg: DictConfig) -> None:

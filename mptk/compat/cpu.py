@@ -1,7 +1,7 @@
 """megatron-core on a machine without a GPU: every CUDA assumption redirected to the CPU, here only.
 
 megatron-core 0.16.1 assumes CUDA in a few places (see ``PATCHES``). :func:`activate` redirects
-them and is called by :mod:`mptk.dist.groups` only when the run's device is the CPU; on a GPU
+them and is called by :mod:`mptk.parallel.groups` only when the run's device is the CPU; on a GPU
 nothing here is touched. Each patch names the megatron module and the source text it relies on:
 ``tests/unit/test_compat.py`` checks that text is still there, so a megatron-core upgrade that
 moves a call site fails a test instead of silently running the CUDA path.

@@ -40,9 +40,12 @@ class ConfigError(ValueError):
 
 
 def conf_dir() -> Path:
-    """The Hydra tree: ``$MPTK_CONF_DIR``, else ``conf/`` beside the ``mptk`` package."""
+    """The Hydra tree: ``$MPTK_CONF_DIR``, else the one shipped inside the package (a wheel
+    installs the repository's ``conf/`` as ``mptk/conf``), else ``conf/`` of a source checkout."""
     env = os.environ.get("MPTK_CONF_DIR")
-    folder = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "conf"
+    folder = Path(env) if env else shipped if shipped.is_dir() else package.parent / "conf"
     if not (folder / "config.yaml").is_file():
         raise ConfigError(
             f"conf dir {folder} has no config.yaml; set MPTK_CONF_DIR to the folder of the Hydra tree"

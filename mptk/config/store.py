@@ -5,7 +5,7 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from mptk.config import schema
-from mptk.models import registry
+from mptk.config import registry
 
 GROUPS: dict[str, type] = {
     "parallel": schema.ParallelConfig,

@@ -39,7 +39,7 @@ class Place:
     def of(cls, cfg, layout, dp_rank: Optional[int] = None) -> "Place":
         """This rank's place for ``cfg.train`` and ``layout`` (dp rank from the groups)."""
         if dp_rank is None:
-            from mptk.dist import groups
+            from mptk.parallel import groups
 
             dp_rank = groups.dp_rank()
         return cls(micro_batch_size=cfg.train.micro_batch_size, grad_acc=layout.grad_acc,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mptk.config.preflight import Layout
+from mptk.parallel.layout import Layout
 from mptk.config.schema import DType, LRSchedule, OptimizerName, RunConfig
 
 
@@ -112,7 +112,7 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
     disable_jit_probes()
     import deepspeed
 
-    from mptk.dist.mpu import MegatronMpu, mark_parameters
+    from mptk.parallel.mpu import MegatronMpu, mark_parameters
 
     mark_parameters(model)
     opt = optimizer(model, cfg)

@@ -9,8 +9,8 @@ import socket
 import time
 
 from mptk.config.schema import RunConfig
-from mptk.dist.env import DistEnv
-from mptk.launch.exitcodes import REQUEUE_EXIT_CODE
+from mptk.parallel.env import DistEnv
+from mptk.exitcodes import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE
 from mptk.log.noise import quiet
 
 # A spawned worker imports this module first (it holds the process target), before the
@@ -70,8 +70,6 @@ def forward_signals(procs: list) -> None:
 
 def _kill_now(procs: list) -> None:
     """The second Ctrl-C: SIGKILL every worker, exit 130."""
-    from mptk.train.signals import INTERRUPTED_EXIT_CODE
-
     for p in procs:
         if p.is_alive():
             p.kill()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mptk.config.schema import ClusterConfig
-from mptk.launch.exitcodes import REQUEUE_EXIT_CODE
+from mptk.exitcodes import REQUEUE_EXIT_CODE
 from mptk.launch.slurm_template import JOB_ENV, JOB_SCRIPT, STATIC_ENV
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ JOB_SCRIPT = ScriptTemplate("""\
 # @@{usage}
 @@{directives}
 #
-# Requeue protocol: the training exits with @@{requeue_code} (mptk.launch.exitcodes.REQUEUE_EXIT_CODE)
+# Requeue protocol: the training exits with @@{requeue_code} (mptk.exitcodes.REQUEUE_EXIT_CODE)
 # after saving a checkpoint, e.g. on the SIGUSR1 that --signal sends before the time limit;
 # this script then runs `scontrol requeue`, up to cluster.requeue_max=@@{requeue_max} times
 # (SLURM_RESTART_COUNT counts requeues, preemptions included); the requeued job resumes
@@ -37,7 +37,7 @@ RUN_DIR=@@{run_dir}
 OVERRIDES=(@@{overrides})
 @@{setup}
 # Rendezvous for torch.distributed: the allocation's first host, and a port derived from the job
-# id so two jobs sharing a node do not collide (the rule of mptk.dist.env.slurm_master_port).
+# id so two jobs sharing a node do not collide (the rule of mptk.parallel.env.slurm_master_port).
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
 export MASTER_ADDR MASTER_PORT

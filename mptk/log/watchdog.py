@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mptk.config.schema import DebugConfig, NanPolicy
-from mptk.launch.exitcodes import HANG_EXIT_CODE, NONFINITE_EXIT_CODE
+from mptk.exitcodes import HANG_EXIT_CODE, NONFINITE_EXIT_CODE
 from mptk.log import ranklog
 
 TEST_NAN_ENV = "MPTK_TEST_NAN_AT_STEP"

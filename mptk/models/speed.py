@@ -3,7 +3,7 @@
 :func:`apply` is called once by :func:`mptk.train.loop.build_model`, after the recipe built this
 rank's model (or its pipeline chunks) and before anything else sees it (reference weights in
 tests, ``init_from``, checkpoints, DeepSpeed). Each option is off by default and is proven on
-the CPU to give the same losses as the plain path (``tests/dist/test_speed.py``):
+the CPU to give the same losses as the plain path (``tests/spawn/test_speed.py``):
 
 - parameters in the run's dtype (always, bf16/fp16 runs): megatron's local layer spec builds
   its norms as plain ``torch.nn.LayerNorm``/``RMSNorm`` in fp32 whatever ``params_dtype`` is; a
@@ -65,7 +65,7 @@ def compile_layers(model: torch.nn.Module) -> int:
 
     Raises ``ValueError`` with the fix when it cannot work: no transformer layer in the model,
     or no compiler for inductor on this device. Equal to eager on the CPU at dp=2 ZeRO-1 and
-    tp=2 ZeRO-3 (``tests/dist/test_speed.py``; ZeRO-3's hooks split the graph, but it runs) and,
+    tp=2 ZeRO-3 (``tests/spawn/test_speed.py``; ZeRO-3's hooks split the graph, but it runs) and,
     tried by hand, at pp=2.
     """
     compiler_problem = inductor_problem(next(model.parameters()).device)
@@ -127,7 +127,7 @@ def inductor_problem(device: torch.device) -> str | None:
 
 TP_GROUP_LOOKUP = ("megatron.core.tensor_parallel.layers",
                    "get_tensor_model_parallel_group_if_none")
-"""The megatron name :func:`_quiet_tp_group_lookup` wraps (``tests/dist/test_speed_options.py``
+"""The megatron name :func:`_quiet_tp_group_lookup` wraps (``tests/spawn/test_speed_options.py``
 checks it is there and still warns)."""
 
 

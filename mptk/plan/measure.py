@@ -179,7 +179,7 @@ def measure_stage(cfg, layout, stage: int, steps: int = 1, device=torch.device("
                   backend: str = "gloo") -> dict:
     """One engine at ZeRO ``stage`` on this rank: predicted and measured bytes."""
     from mptk.engine import deepspeed as ds
-    from mptk.models import registry
+    from mptk.config import registry
     from mptk.train.loop import build_model
 
     start = time.perf_counter()
@@ -211,7 +211,7 @@ def _device_peak(device) -> dict:
 
 def row(cfg, layout, stage: int, pred: dict, meas: dict) -> dict:
     """One JSON row: layout, predicted and measured bytes, relative error of the total."""
-    from mptk.dist import groups
+    from mptk.parallel import groups
 
     err = abs(pred["total"] - meas["total"]) / max(meas["total"], 1)
     return {"rank": groups.rank(), "tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
@@ -220,10 +220,10 @@ def row(cfg, layout, stage: int, pred: dict, meas: dict) -> dict:
 
 
 def measure_rank(env, cfg, stages=STAGES, steps: int = 1) -> list[dict]:
-    """Entry of one rank (also the target for ``tests/dist/harness.run_world``): groups once,
+    """Entry of one rank (also the target for ``tests/spawn/harness.run_world``): groups once,
     then an engine per ZeRO stage, one after the other."""
-    from mptk.config.preflight import preflight
-    from mptk.dist import groups
+    from mptk.train.preflight import preflight
+    from mptk.parallel import groups
     from mptk.log.noise import quiet
 
     quiet()
@@ -239,7 +239,7 @@ def _child(cfg, env, stages, steps, out: Path) -> None:
     import os
     import traceback
 
-    from mptk.dist import groups
+    from mptk.parallel import groups
 
     try:
         rows = measure_rank(env, cfg, stages, steps)
@@ -252,7 +252,7 @@ def _child(cfg, env, stages, steps, out: Path) -> None:
 
 def run(cfg, world: int, stages=STAGES, steps: int = 1) -> list[dict]:
     """Spawn ``world`` local CPU ranks, measure every stage, return all ranks' rows."""
-    from mptk.dist.env import DistEnv
+    from mptk.parallel.env import DistEnv
     from mptk.launch.local import free_port, wait
 
     out, port, ctx = Path(tempfile.mkdtemp(prefix="mptk-plan-")), free_port(), mp.get_context("spawn")

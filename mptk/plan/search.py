@@ -35,7 +35,7 @@ class Knobs:
 
 
 def knobs_of(cfg: Any, all_knobs: bool = False) -> Knobs:
-    from mptk.models import registry
+    from mptk.config import registry
 
     try:
         pipeline = registry.get(cfg.model.recipe).forward is not None
@@ -223,7 +223,7 @@ def configured(cfg: Any, c: Choice, world: int) -> Any:
 
 def explain(cfg: Any, c: Choice, world: int) -> list[str]:
     """The training preflight's lines for layout ``c`` (empty when it accepts it)."""
-    from mptk.config.preflight import PreflightError, preflight
+    from mptk.train.preflight import PreflightError, preflight
 
     try:
         preflight(configured(cfg, c, world), world, True)

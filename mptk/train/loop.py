@@ -9,19 +9,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from mptk.config.preflight import Layout, preflight
+from mptk.train.preflight import Layout, preflight
 from mptk.config.schema import RunConfig
-from mptk.dist import groups
-from mptk.dist.env import DistEnv
+from mptk.parallel import groups
+from mptk.parallel.env import DistEnv
 from mptk.log.metrics import Metrics
 from mptk.log.noise import quiet
-from mptk.models import partition, registry
+from mptk.config import registry
+from mptk.models import partition
 from mptk.compat.cpu import device_scope
 from mptk.train.pipeline import (attach_timers, pipeline_evaluate, pipeline_step,
                                  theoretical_bubble)
 from mptk.train.step import evaluate, time_grad_reduce, train_step
-from mptk.launch.exitcodes import REQUEUE_EXIT_CODE  # mptk #4: checkpoints, resume, signals
-from mptk.train import checkpoint, signals  # mptk #4
+from mptk.exitcodes import REQUEUE_EXIT_CODE  # mptk #4: checkpoints, resume, signals
+from mptk.checkpoint import core as checkpoint
+from mptk.train import signals
 from mptk.log import profile, ranklog, report, watchdog  # mptk #7: rank logs, NaN check, hang watchdog
 from mptk.log import flops, progress  # mptk #7: TFLOP/s + MFU, progress bar and ETA
 from mptk.log.phases import Phases, across_ranks  # mptk #7: per-phase timers, straggler

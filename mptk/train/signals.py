@@ -15,12 +15,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from mptk.exitcodes import INTERRUPTED_EXIT_CODE
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """Signals that mean: save and stop (Slurm sends SIGUSR1 before the time limit, SIGTERM on
 preemption/scancel; the local launcher forwards both, and a Ctrl-C as SIGTERM)."""
-
-INTERRUPTED_EXIT_CODE = 130
-"""A second Ctrl-C: the shell's code for death by SIGINT."""
 
 TEST_SIGTERM_ENV = "MPTK_TEST_SIGTERM_AFTER_STEP"
 """Test hook: after this step, rank 0 sends SIGTERM to its parent (the launcher)."""

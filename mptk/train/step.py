@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mptk.dist import groups
+from mptk.parallel import groups
 from mptk.log.phases import Phases
 
 

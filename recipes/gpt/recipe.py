@@ -8,7 +8,8 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from mptk.config.schema import ModelConfig, PositionEmbedding, RunConfig
-from mptk.models import megatron, registry
+from mptk.config import registry
+from mptk.models import megatron
 
 
 @dataclass(kw_only=True, slots=True)

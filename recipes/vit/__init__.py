@@ -1,3 +1,3 @@
 """ViT: an image classifier on megatron-core's ``CLIPViTModel`` backbone."""
 
-from recipes.vit.recipe import RECIPE, ViTConfig  # noqa: F401  (registers the recipe)
+from mptk.recipes.vit.recipe import RECIPE, ViTConfig  # noqa: F401  (registers the recipe)

@@ -18,7 +18,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mptk.compat import cpu
 from mptk.config.schema import AttentionImpl, DataSource, ModelConfig, RunConfig
-from mptk.models import megatron, registry
+from mptk.config import registry
+from mptk.models import megatron
 from mptk.models.attention import SdpaAttention
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mptk.config.schema import ModelConfig
-from mptk.models import registry
+from mptk.config import registry
 
 
 @dataclass(kw_only=True, slots=True)

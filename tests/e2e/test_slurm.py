@@ -157,7 +157,7 @@ CHECKPOINT_CODE = REPO / "mptk" / "train" / "checkpoint.py"
 
 
 @pytest.mark.skipif(not CHECKPOINT_CODE.exists(),
-                    reason="needs checkpoint save on SIGUSR1 + resume (issue #4: mptk/train/checkpoint.py "
+                    reason="needs checkpoint save on SIGUSR1 + resume (issue #4: mptk/checkpoint/core.py "
                            "does not exist yet)")
 def test_sigusr1_saves_requeues_and_resumes(tmp_path, cache):
     """Slurm's pre-timeout SIGUSR1 (sent here with scancel) -> save, exit 3 -> scontrol requeue ->

@@ -10,9 +10,9 @@ from omegaconf import open_dict
 
 from mptk.config import schema
 from mptk.config.load import ConfigError, compose, compose_cfg, conf_dir, to_run_config
-from mptk.config.preflight import Layout, preflight
+from mptk.train.preflight import Layout, preflight
 from mptk.config.store import GROUPS, register_schemas
-from mptk.models import registry
+from mptk.config import registry
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -209,7 +209,7 @@ def test_image_folder_errors(tmp_path):
 
 def vit_problems(*overrides: str) -> list[str]:
     from mptk.config.load import compose
-    from mptk.config.preflight import PreflightError, preflight
+    from mptk.train.preflight import PreflightError, preflight
 
     try:
         preflight(compose(["experiment=vit_digits", *overrides]), 2, False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mptk.config.load import compose
-from mptk.config.preflight import Layout
+from mptk.parallel.layout import Layout
 from mptk.data import blend, indexed, preprocess, tokenizer, tokens
 
 VOCAB = 512
@@ -270,8 +270,8 @@ def test_stdlib_default_is_preprocessed_once(tmp_path):
 
 
 def test_recipe_dispatches_on_source(corpus, monkeypatch):
-    from mptk.dist import groups
-    from mptk.models import registry
+    from mptk.parallel import groups
+    from mptk.config import registry
 
     monkeypatch.setattr(groups, "dp_rank", lambda: 0)  # no process groups here
     cfg = run_cfg(corpus["root"], f"data.blend=[{corpus['root'] / 'a'}]")

@@ -75,7 +75,7 @@ def test_straggler_is_the_rank_with_most_compute_not_most_waiting():
 
 
 def test_model_flops_follow_megatrons_formula():
-    import recipes.gpt.recipe as gpt
+    import mptk.recipes.gpt.recipe as gpt
 
     m = gpt.GPTConfig(num_layers=24, hidden_size=2048, num_attention_heads=16, seq_length=2048,
                       vocab_size=50304)

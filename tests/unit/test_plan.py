@@ -1,5 +1,5 @@
 """mptk-plan: memory, time and search against published formulas and figures, the preflight
-and megatron-core's own parameter counts (CPU exactness of model states: tests/dist)."""
+and megatron-core's own parameter counts (CPU exactness of model states: tests/spawn)."""
 
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def test_predict_fits_cpu_and_gpu(big):
 
 
 def _layout(tp, pp, dp):
-    from mptk.config.preflight import Layout
+    from mptk.parallel.layout import Layout
 
     return Layout(tp=tp, pp=pp, dp=dp, grad_acc=1, world=tp * pp * dp)
 

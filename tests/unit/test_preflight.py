@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mptk.config import preflight as preflight_module
-from mptk.config.preflight import Layout, PreflightError, preflight
+from mptk.train import preflight as preflight_module
+from mptk.train.preflight import Layout, PreflightError, preflight
 from mptk.config.schema import (
     Backend,
     DataConfig,
@@ -18,7 +18,7 @@ from mptk.config.schema import (
     TrainConfig,
     ZeroConfig,
 )
-from mptk.models import registry
+from mptk.config import registry
 
 
 def make(changes: dict | None = None) -> RunConfig:

@@ -3,7 +3,7 @@
 import pytest
 
 from mptk.config.load import compose
-from mptk.config.preflight import PreflightError, preflight
+from mptk.train.preflight import PreflightError, preflight
 
 PP2 = ("experiment=vit_digits", "parallel.pp=2", "zero=zero1")
 

@@ -13,7 +13,7 @@ from harness import run_world
 from mptk.config.load import compose
 from mptk.plan.measure import measure_rank, write_rows
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.spawn
 
 
 def odd(tp: int, dp: int, *extra: str):
@@ -59,9 +59,9 @@ def rank_params(env, cfgs):
     """Parameters each recipe's model holds on this rank (tp=2)."""
     import torch
 
-    from mptk.config.preflight import preflight
-    from mptk.dist import groups
-    from mptk.models import registry
+    from mptk.train.preflight import preflight
+    from mptk.parallel import groups
+    from mptk.config import registry
     from mptk.train.loop import build_model
 
     groups.init(env, 2, 1, torch.device("cpu"), "gloo", 1, None)

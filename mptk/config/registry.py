@@ -1,7 +1,7 @@
 """Recipe registry: a recipe is a config schema, a model builder and a batch/loss function.
 
-Recipes live outside the library (``recipes/`` in this repo, or any folder named in the
-``MPTK_RECIPE_PATH`` environment variable). :func:`discover` imports them; each calls
+Recipes live outside the library (``recipes/`` in this repo, shipped as ``mptk.recipes``, or any
+folder named in the ``MPTK_RECIPE_PATH`` environment variable). :func:`discover` imports them; each calls
 :func:`register` at import time, which also stores its schema as ``base_<name>`` in Hydra's
 ConfigStore under the ``model`` group, so a YAML option can extend it.
 """
@@ -88,10 +88,11 @@ def _import_tree(folder: Path) -> None:
 
 def discover() -> None:
     """Import the bundled recipes and those on ``MPTK_RECIPE_PATH`` (idempotent)."""
-    import recipes  # the bundled ones, shipped beside mptk
-
-    for info in pkgutil.iter_modules(recipes.__path__):
-        importlib.import_module(f"recipes.{info.name}")
+    # By name, as a plugin: the bundled recipes (the repository's recipes/ folder, shipped
+    # inside the package) sit above config in the layers.
+    bundled = importlib.import_module("mptk.recipes")
+    for info in pkgutil.iter_modules(bundled.__path__):
+        importlib.import_module(f"mptk.recipes.{info.name}")
     for folder in filter(None, os.environ.get("MPTK_RECIPE_PATH", "").split(os.pathsep)):
         _import_tree(Path(folder))
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mptk.config.preflight import checkpoint_problems
+from mptk.config.checks import checkpoint_problems
 from mptk.train import signals
 
 FORMAT_VERSION = 1

@@ -10,7 +10,7 @@ import torch
 from harness import assert_same, run_world
 from mptk.config.load import compose
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.spawn
 
 STEPS = 3
 # 4 ViT layers (one per virtual stage at vpp=2); 4 micro-batches of 8 digits at dp=1.
@@ -46,7 +46,7 @@ class load_weights(save_weights):
     megatron splits its full CPU-initialised matrices."""
 
     def __call__(self, model):
-        from mptk.dist import groups
+        from mptk.parallel import groups
 
         ref, tp, rank = torch.load(self.path), groups.tp_size(), groups.tp_rank()
         for chunk in chunks(model):

@@ -7,7 +7,7 @@ import torch
 
 from harness import run_world
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.spawn
 
 OVERRIDES = ["data=indexed", "data.max_chars=300000", "data.split=[80,20,0]",
              "model.vocab_size=512", "model.seq_length=32", "parallel.tp=2",
@@ -18,9 +18,9 @@ OVERRIDES = ["data=indexed", "data.max_chars=300000", "data.split=[80,20,0]",
 
 def rank_batches(env, cfg, steps):
     """This rank's place, its log lines and its batches of ``steps`` steps."""
-    from mptk.config.preflight import preflight
-    from mptk.dist import groups
-    from mptk.models import registry
+    from mptk.train.preflight import preflight
+    from mptk.parallel import groups
+    from mptk.config import registry
     from mptk.train.loop import rank_zero_first
 
     layout = preflight(cfg, env.world_size, False)
@@ -35,7 +35,7 @@ def rank_batches(env, cfg, steps):
 
 def reference_steps(cfg, steps):
     """The same run's batches on one process (dp=1, grad_acc=4)."""
-    from mptk.config.preflight import Layout
+    from mptk.parallel.layout import Layout
     from mptk.data.indexed import IndexedData
 
     layout = Layout(tp=1, pp=1, dp=1, grad_acc=4, world=1)

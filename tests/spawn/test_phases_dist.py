@@ -7,7 +7,7 @@ import pytest
 
 from harness import run_world
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.spawn
 
 SLOW, WAITER = 2, 0
 

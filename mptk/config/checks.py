@@ -1,14 +1,12 @@
-"""Preflight: check a run's layout and settings before any process starts or any weight exists.
+"""Pure checks of a run's settings: config and world size in, one line per problem out.
 
-:func:`preflight` is pure (config, world size, CUDA visible -> :class:`Layout`). It collects
-every problem and raises one :class:`PreflightError` with one line per problem, each naming
-the factors involved and the fix.
+Each line names the factors involved and the fix. Nothing here imports a model, the planner or
+the file system; :mod:`mptk.train.preflight` adds the recipe, stage, memory and checkpoint checks.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from mptk.config.schema import (
     Backend,
@@ -24,22 +22,6 @@ from mptk.config.schema import (
     TrainConfig,
     ZeroConfig,
 )
-from mptk.models import partition, registry
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """How the world splits: world = tp * pp * dp; global batch = micro * grad_acc * dp."""
-
-    tp: int
-    pp: int
-    dp: int
-    grad_acc: int
-    world: int
-    vpp: int = 1
-    """Model chunks per pp rank (interleaved schedule when > 1)."""
-    stage_layers: tuple = ()
-    """Transformer layers per virtual stage (pp > 1)."""
 
 
 class PreflightError(ValueError):
@@ -49,11 +31,10 @@ class PreflightError(ValueError):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
 
-
-def preflight(cfg: RunConfig, world_size: int, cuda_available: bool) -> Layout:
-    """The run's :class:`Layout`, or :class:`PreflightError` listing every problem."""
-    dp = _dp(cfg.parallel, world_size)
-    problems = [
+def config_problems(cfg: RunConfig, world_size: int, cuda_available: bool) -> list[str]:
+    """Every problem of ``cfg`` at ``world_size`` processes that the config alone shows."""
+    dp = dp_of(cfg.parallel, world_size)
+    return [
         *_parallel(cfg.parallel, world_size),
         *_model(cfg.model, cfg.parallel),
         *_batch(cfg.train, dp),
@@ -63,39 +44,30 @@ def preflight(cfg: RunConfig, world_size: int, cuda_available: bool) -> Layout:
         *checkpoint_problems(cfg.train),
         *_optim(cfg.optim, cfg.train),
         *_data(cfg.data),
-        *_recipe(cfg),
         *slurm_world(cfg.cluster, world_size),
-        *_peak(cfg.cluster),
+        *_peak_value(cfg.cluster),
+        *_pipeline(cfg, dp),
     ]
-    stages, stage_problems = _stages(cfg)
-    problems += stage_problems + _pipeline(cfg, dp)
-    if problems:
-        raise PreflightError(problems)
-    grad_acc = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
-    return Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, grad_acc=grad_acc,
-                  world=world_size, vpp=cfg.parallel.vpp or 1, stage_layers=tuple(stages))
 
 
-def _stages(cfg: RunConfig) -> tuple[list[int], list[str]]:
-    """Layers per virtual stage, or the partition's one-line problem."""
-    p = cfg.parallel
-    if p.pp < 2 or (p.vpp or 1) < 1 or cfg.model.num_layers < 1:
-        return [], []
-    try:
-        return partition.stage_layers(cfg.model, p.pp, p.vpp, p.layers_per_stage), []
-    except partition.PartitionError as err:
-        return [], [str(err)]
+def on_cpu(cfg: RunConfig, cuda_available: bool) -> bool:
+    """The run's device is the CPU (asked for, or auto without a visible GPU)."""
+    t = cfg.train
+    return t.device is Device.cpu or (t.device is Device.auto and not cuda_available)
 
+
+def dp_of(p: ParallelConfig, world: int) -> int | None:
+    """Data-parallel degree, or None when the layout itself is invalid."""
+    if p.tp < 1 or p.pp < 1 or world < 1 or world % (p.tp * p.pp):
+        return None
+    return world // (p.tp * p.pp)
 
 def _pipeline(cfg: RunConfig, dp: int | None) -> list[str]:
-    """pp/vpp rules: a recipe with a pipeline forward; interleaving needs m % pp == 0."""
+    """pp/vpp rules: vpp needs pp >= 2; interleaving needs micro-batches % pp == 0."""
     p, t = cfg.parallel, cfg.train
     problems = _at_least("parallel.vpp", p.vpp or 1, 1, "use null or a positive chunk count")
     if (p.vpp or 1) > 1 and p.pp < 2:
         problems.append(f"parallel.vpp({p.vpp}) needs parallel.pp >= 2; drop vpp or raise pp")
-    if p.pp > 1 and not _has_pipeline_forward(cfg.model.recipe):
-        problems.append(f"model.recipe={cfg.model.recipe!r} has no pipeline forward; use "
-                        f"parallel.pp=1 or add forward= to the recipe")
     if (p.vpp or 1) > 1 and p.pp > 1 and dp and t.micro_batch_size > 0:
         m = t.global_batch_size // max(1, t.micro_batch_size * dp)
         if m % p.pp:
@@ -107,27 +79,10 @@ def _pipeline(cfg: RunConfig, dp: int | None) -> list[str]:
                         f"multiple of pp({p.pp}); e.g. train.eval_batches={2 * p.pp}")
     return problems
 
-
-def _has_pipeline_forward(name: str) -> bool:
-    try:
-        return registry.get(name).forward is not None
-    except KeyError:
-        return True  # the unknown recipe has its own line
-
-
-def _dp(p: ParallelConfig, world: int) -> int | None:
-    """Data-parallel degree, or None when the layout itself is invalid."""
-    if p.tp < 1 or p.pp < 1 or world < 1 or world % (p.tp * p.pp):
-        return None
-    return world // (p.tp * p.pp)
-
-
 # --------------------------------------------------------------------------- helpers
-
 
 def _at_least(name: str, value: float, low: float, fix: str) -> list[str]:
     return [] if value >= low else [f"{name}({value}) must be >= {low}; {fix}"]
-
 
 def _divisible(name: str, value: int, by_name: str, by: int, fix: str) -> list[str]:
     """``value % by == 0`` (skipped when ``by`` is invalid; that has its own line)."""
@@ -135,9 +90,7 @@ def _divisible(name: str, value: int, by_name: str, by: int, fix: str) -> list[s
         return []
     return [f"{name}({value}) is not divisible by {by_name}({by}); {fix}"]
 
-
 # --------------------------------------------------------------------------- groups
-
 
 def _parallel(p: ParallelConfig, world: int) -> list[str]:
     problems = [
@@ -160,10 +113,8 @@ def _parallel(p: ParallelConfig, world: int) -> list[str]:
         ]
     return []
 
-
 def _model(m: ModelConfig, p: ParallelConfig) -> list[str]:
     return [*_model_sizes(m), *_heads(m, p), *_layers(m, p), *_vocab(m, p)]
-
 
 def _model_sizes(m: ModelConfig) -> list[str]:
     return [
@@ -176,18 +127,15 @@ def _model_sizes(m: ModelConfig) -> list[str]:
         *_dropout("model.attention_dropout", m.attention_dropout),
     ]
 
-
 def _ffn(ffn: int | None) -> list[str]:
     if ffn is None or ffn >= 1:
         return []
     return [f"model.ffn_hidden_size({ffn}) must be >= 1; set a positive MLP width or null for 4 x hidden"]
 
-
 def _dropout(name: str, value: float) -> list[str]:
     if 0.0 <= value < 1.0:
         return []
     return [f"{name}({value}) must be in [0, 1); use a dropout probability such as 0.1"]
-
 
 def _heads(m: ModelConfig, p: ParallelConfig) -> list[str]:
     heads, groups = m.num_attention_heads, m.num_query_groups
@@ -200,7 +148,6 @@ def _heads(m: ModelConfig, p: ParallelConfig) -> list[str]:
         "make hidden_size a multiple of the head count",
     )
     return problems + ([] if groups is None else _query_groups(heads, groups, p.tp))
-
 
 def _query_groups(heads: int, groups: int, tp: int) -> list[str]:
     """Grouped-query attention: groups split over tp ranks and heads split over groups."""
@@ -217,7 +164,6 @@ def _query_groups(heads: int, groups: int, tp: int) -> list[str]:
         ),
     ]
 
-
 def _layers(m: ModelConfig, p: ParallelConfig) -> list[str]:
     """Layers need not divide by pp (stages may be uneven), but every stage needs one."""
     stages = p.pp * (p.vpp or 1)
@@ -225,7 +171,6 @@ def _layers(m: ModelConfig, p: ParallelConfig) -> list[str]:
         return []
     return [f"model.num_layers({m.num_layers}) < pp({p.pp})*vpp({p.vpp or 1})={stages}: every "
             f"pipeline stage needs a layer; lower parallel.pp/vpp or add layers"]
-
 
 def _vocab(m: ModelConfig, p: ParallelConfig) -> list[str]:
     """Recipes with a vocabulary: at least 2 tokens, split evenly over tp ranks."""
@@ -239,7 +184,6 @@ def _vocab(m: ModelConfig, p: ParallelConfig) -> list[str]:
         "model.vocab_size", vocab, "parallel.tp", p.tp, f"pad it to a multiple of {p.tp} (e.g. {padded})"
     )
 
-
 def _batch(t: TrainConfig, dp: int | None) -> list[str]:
     micro, total = t.micro_batch_size, t.global_batch_size
     problems = [
@@ -252,7 +196,6 @@ def _batch(t: TrainConfig, dp: int | None) -> list[str]:
         f"train.global_batch_size({total}) != micro_batch_size({micro}) * grad_acc * dp({dp}): "
         f"make it a multiple of {micro * dp} (or change train.micro_batch_size)"
     ]
-
 
 def _zero(z: ZeroConfig, p: ParallelConfig) -> list[str]:
     if z.stage not in (0, 1, 2, 3):
@@ -270,47 +213,23 @@ def _zero(z: ZeroConfig, p: ParallelConfig) -> list[str]:
         )
     return problems
 
-
 def _device(cfg: RunConfig, cuda: bool) -> list[str]:
     t, backend = cfg.train, cfg.launcher.backend
-    on_cpu = t.device is Device.cpu or (t.device is Device.auto and not cuda)
+    cpu = on_cpu(cfg, cuda)
     problems = []
     if t.device is Device.cuda and not cuda:
         problems.append("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    if t.dtype is DType.fp16 and on_cpu:
+    if t.dtype is DType.fp16 and cpu:
         problems.append("train.dtype=fp16 is not supported on CPU; use train.dtype=bf16 or fp32")
-    if backend is Backend.nccl and on_cpu:
+    if backend is Backend.nccl and cpu:
         problems.append("launcher.backend=nccl needs CUDA but the run is on CPU; use launcher.backend=auto or gloo")
-    return problems + _compiler(t, on_cpu)
-
-
-def _compiler(t: TrainConfig, on_cpu: bool) -> list[str]:
-    """``train.compile``/``compile_loss`` need inductor's compiler (C++ on CPU, Triton on CUDA)."""
-    if not (t.compile or t.compile_loss):
-        return []
-    import torch
-
-    from mptk.models.speed import inductor_problem
-
-    problem = inductor_problem(torch.device("cpu" if on_cpu else "cuda"))
-    return [f"train.compile: {problem}; or set train.compile=false train.compile_loss=false"] \
-        if problem else []
-
-
-def _peak(cluster) -> list[str]:
-    """The GPU named for MFU and the planner is in the table; an explicit peak is positive."""
-    from mptk.plan import hardware
-
-    problems = []
-    if cluster.gpu:
-        try:
-            hardware.gpu(cluster.gpu)
-        except KeyError as err:
-            problems.append(f"{err.args[0]}; or give cluster.peak_tflops=<dense TFLOP/s>")
-    if cluster.peak_tflops is not None and cluster.peak_tflops <= 0:
-        problems.append(f"cluster.peak_tflops({cluster.peak_tflops}) must be > 0 (the device's "
-                        f"peak dense TFLOP/s for MFU); or leave it unset")
     return problems
+
+def _peak_value(cluster: ClusterConfig) -> list[str]:
+    if cluster.peak_tflops is not None and cluster.peak_tflops <= 0:
+        return [f"cluster.peak_tflops({cluster.peak_tflops}) must be > 0 (the device's "
+                f"peak dense TFLOP/s for MFU); or leave it unset"]
+    return []
 
 
 def _train(t: TrainConfig) -> list[str]:
@@ -320,7 +239,6 @@ def _train(t: TrainConfig) -> list[str]:
         *_at_least("train.eval_interval", t.eval_interval, 0, "use 0 to evaluate only at the end"),
         *_at_least("train.eval_batches", t.eval_batches, 1, "evaluate at least one micro-batch"),
     ]
-
 
 def _optim(o: OptimConfig, t: TrainConfig) -> list[str]:
     problems = [] if o.lr > 0 else [f"optim.lr({o.lr}) must be > 0; use a positive learning rate such as 1e-3"]
@@ -337,7 +255,6 @@ def _optim(o: OptimConfig, t: TrainConfig) -> list[str]:
         )
     return problems
 
-
 def _data(d: DataConfig) -> list[str]:
     problems = []
     if not 0.0 < d.heldout_fraction < 1.0:
@@ -348,19 +265,6 @@ def _data(d: DataConfig) -> list[str]:
         problems.append("data.paths is empty with data.source=files; give globs, e.g. 'data.paths=[notes/*.txt]'")
     problems += _at_least("data.max_chars", d.max_chars, 1, "read at least some text")
     return problems
-
-
-def _recipe(cfg: RunConfig) -> list[str]:
-    """The recipe's own checks; an unknown recipe is one line naming the known ones."""
-    try:
-        recipe = registry.get(cfg.model.recipe)
-    except KeyError as exc:
-        return [f"{exc.args[0]}; fix model.recipe or pick another model=<option>"]
-    try:
-        return list(recipe.checks(cfg))
-    except Exception as exc:  # a recipe check tripping over an invalid field reported above
-        return [f"model.recipe={recipe.name}: its checks failed ({type(exc).__name__}: {exc}); fix the lines above"]
-
 
 def slurm_world(c: ClusterConfig, world: int, under_slurm: bool | None = None) -> list[str]:
     """Under srun the world Slurm started must be the one ``cluster`` asked for; ``under_slurm``
@@ -375,7 +279,6 @@ def slurm_world(c: ClusterConfig, world: int, under_slurm: bool | None = None) -
         f"={expected} under Slurm; submit with mptk-submit (it asks Slurm for exactly that) or set "
         "cluster.nodes and cluster.tasks_per_node to the allocation (sbatch --nodes/--ntasks-per-node)"
     ]
-
 
 def checkpoint_problems(t: TrainConfig) -> list[str]:
     """One line per bad checkpoint setting."""

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from mptk.config.schema import Backend, Device
-from mptk.dist.env import DistEnv
+from mptk.parallel.env import DistEnv
 
 _AXES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
          "vpp": "virtual_pipeline_model_parallel_size"}

@@ -9,7 +9,7 @@ import torch
 
 from harness import run_world
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.spawn
 
 PIPE = ("model.num_layers=4", "train.global_batch_size=8", "train.micro_batch_size=2",
         "optim.grad_clip=1.0")  # 4 micro-batches at dp=1; clipping is active (norms ~3)
@@ -36,7 +36,7 @@ class save_weights:
         self.folder = folder
 
     def __call__(self, model):
-        from mptk.dist import groups
+        from mptk.parallel import groups
 
         torch.save(model.state_dict(), self.folder / f"tp{groups.tp_rank()}of{groups.tp_size()}.pt")
 
@@ -45,7 +45,7 @@ class load_weights(save_weights):
     """prepare_model hook: copy the pp=1 weights into this rank's stage chunks."""
 
     def __call__(self, model):
-        from mptk.dist import groups
+        from mptk.parallel import groups
 
         ref = torch.load(self.folder / f"tp{groups.tp_rank()}of{groups.tp_size()}.pt")
         for chunk in chunks(model):

@@ -7,7 +7,7 @@ import pickle
 import traceback
 from pathlib import Path
 
-from mptk.dist.env import DistEnv
+from mptk.parallel.env import DistEnv
 from mptk.launch.local import free_port
 
 
@@ -22,7 +22,7 @@ def tiny_overrides(cache: str) -> list[str]:
 def _child(fn, env: DistEnv, args: tuple, out: Path) -> None:
     import os
 
-    from mptk.dist import groups
+    from mptk.parallel import groups
 
     try:
         result = fn(env, *args)

@@ -25,3 +25,6 @@ NONFINITE_EXIT_CODE = 4
 HANG_EXIT_CODE = 5
 """The hang watchdog fired: no step completed within ``debug.hang_timeout_s``; stacks of every
 rank in ``run_dir/hang/``."""
+
+INTERRUPTED_EXIT_CODE = 130
+"""A second Ctrl-C: stopped at once, nothing saved (the shell's 128 + SIGINT)."""

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from harness import run_world
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.spawn
 
 
 def train_losses(env, cfg, steps):

@@ -8,7 +8,7 @@ import torch
 from harness import assert_same, run_world
 from mptk.config.load import compose
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.spawn
 
 STEPS = 3
 
@@ -88,8 +88,8 @@ def bidirectional_logits(env, cfg):
     from megatron.core.transformer.enums import AttnMaskType
 
     from mptk.config.schema import AttentionImpl
-    from mptk.dist import groups
-    from mptk.models.registry import ModelContext, get
+    from mptk.parallel import groups
+    from mptk.config.registry import ModelContext, get
 
     groups.init(env, 1, 1, torch.device("cpu"), "gloo", cfg.train.seed)
     recipe, out = get("vit"), {}

@@ -1,12 +1,12 @@
 """Checkpoint settings checked by ``mptk-train`` before any process starts (the file system
-only; the workers verify the checkpoint they pick again, see :mod:`mptk.train.checkpoint`)."""
+only; the workers verify the checkpoint they pick again, see :mod:`mptk.checkpoint.core`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from mptk.train.checkpoint import (META, candidates, checkpoints_dir, layout_dict,
+from mptk.checkpoint.core import (META, candidates, checkpoints_dir, layout_dict,
                                    layout_message, read_json, resolve)
 
 

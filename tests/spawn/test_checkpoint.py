@@ -7,8 +7,8 @@ import json
 import pytest
 
 from harness import run_world
-from mptk.config.preflight import preflight
-from mptk.train import checkpoint as ck
+from mptk.train.preflight import preflight
+from mptk.checkpoint import core as ck
 
 
 def train_and_save(env, cfg, steps, save_at):
@@ -36,7 +36,7 @@ def held_out_loss(env, cfg, steps, save):
     return one_eval(w)["eval_loss"]
 
 
-@pytest.mark.dist
+@pytest.mark.spawn
 def test_damaged_newest_checkpoint_falls_back(tiny, tmp_path, capfd):
     cfg = tiny("parallel.tp=1", "launcher.nproc_per_node=2", "zero=zero2")
     first = run_world(train_and_save, 2, cfg, 3, {1, 2}, tmp=tmp_path)
@@ -53,7 +53,7 @@ def test_damaged_newest_checkpoint_falls_back(tiny, tmp_path, capfd):
     assert list(newest.parent.glob("step_00000002.damaged-*"))  # set aside, not retried
 
 
-@pytest.mark.dist
+@pytest.mark.spawn
 def test_tp2_weights_load_at_tp1_and_back(tiny, tmp_path):
     def cfg(tp, run, *extra):
         c = tiny(f"parallel.tp={tp}", f"launcher.nproc_per_node={tp}", "zero=zero1", *extra)
@@ -68,7 +68,7 @@ def test_tp2_weights_load_at_tp1_and_back(tiny, tmp_path):
     assert abs(tp1 - saved) <= 1e-5 and abs(back - saved) <= 1e-5, (saved, tp1, back)
 
 
-@pytest.mark.dist
+@pytest.mark.spawn
 def test_tp2_pp2_weights_load_at_tp1_pp1(tiny, tmp_path):
     """Saved at tp=2 x pp=2 (interleaved, vpp=2), loaded at tp=1 pp=1: same held-out loss."""
     pipe = ("model.num_layers=4", "zero=zero1")

@@ -6,7 +6,7 @@ import pytest
 
 from harness import run_world
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.spawn
 
 STEPS = 3
 DP2 = ("parallel.tp=1", "launcher.nproc_per_node=2", "zero=zero1", "train.global_batch_size=4")

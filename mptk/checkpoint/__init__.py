@@ -1,0 +1,1 @@
+"""Checkpoints: file format, rank state, and the resume choice."""

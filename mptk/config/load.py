@@ -75,7 +75,7 @@ def _check_known_keys(node: DictConfig, path: str) -> None:
     """Refuse keys a structured node's dataclass has no field for (``+model.typo=1``)."""
     known = _field_names(OmegaConf.get_type(node))
     for key in node.keys():
-        name = f"{path}{key}"
+        name = f"{path}{key!s}"
         if known is not None and key not in known:
             raise ConfigError(_unknown_key(name, node, str(key)))
         child = node._get_node(key)
@@ -104,7 +104,7 @@ def _unknown_key(full_key: str, node: Any, key: str) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
     return (
-        f"{full_key}: unknown key for {kind.__name__}; known keys: {', '.join(known)} "
+        f"{full_key}: unknown key for {getattr(kind, '__name__', kind)}; known keys: {', '.join(known)} "
         f"({hint}drop the override or fix the spelling)"
     )
 

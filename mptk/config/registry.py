@@ -45,7 +45,7 @@ class Recipe:
     """What throughput counts (``tokens`` -> ``tokens_per_s``, ``images`` -> ``images_per_s``)."""
     units_per_sample: Callable[..., int] = lambda model_cfg: model_cfg.seq_length
     """Throughput units in one sample (tokens: seq_length; images: 1)."""
-    eval_summary: Callable[[dict], dict] = lambda sums: {}
+    eval_summary: Callable[[dict[str, Any]], dict[str, Any]] = lambda sums: {}
     """Extra eval metrics from the dp-summed ``loss`` metrics, e.g. ``{"eval_top1": c / n}``."""
 
 
@@ -80,7 +80,12 @@ def _import_tree(folder: Path) -> None:
     for info in pkgutil.iter_modules([str(folder)]):
         if info.name in sys.modules:
             continue
-        spec = info.module_finder.find_spec(info.name)
+        where = folder / info.name
+        spec = (importlib.util.spec_from_file_location(info.name, where / "__init__.py",
+                                                       submodule_search_locations=[str(where)])
+                if info.ispkg else importlib.util.spec_from_file_location(info.name, f"{where}.py"))
+        if spec is None or spec.loader is None:
+            raise ImportError(f"MPTK_RECIPE_PATH: cannot import {where}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[info.name] = module
         spec.loader.exec_module(module)
@@ -111,7 +116,7 @@ class ModelContext:
     """This pipeline stage holds the output layer and loss."""
     vp_stage: Optional[int] = None
     """Model chunk index on this rank with the interleaved schedule (``None`` without)."""
-    stage_layers: Optional[list] = None
+    stage_layers: Optional[list[int]] = None
     """Layers per virtual stage (pp>1), see :mod:`mptk.models.partition`."""
     batch_p2p: bool = True
     """Batched pipeline p2p (off on gloo)."""

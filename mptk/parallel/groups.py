@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ _AXES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size
          "vpp": "virtual_pipeline_model_parallel_size"}
 
 
-def megatron_sizes(tp: int, pp: int, vpp: Optional[int] = None) -> dict:
+def megatron_sizes(tp: int, pp: int, vpp: Optional[int] = None) -> dict[str, Optional[int]]:
     """Short axis names mapped to megatron's long keyword names (the only such mapping)."""
     return {_AXES["tp"]: tp, _AXES["pp"]: pp, _AXES["vpp"]: vpp if vpp and vpp > 1 else None}
 
@@ -35,7 +35,7 @@ def resolve_device(device: Device) -> torch.device:
 def resolve_backend(backend: Backend, device: torch.device) -> str:
     if backend is Backend.auto:
         return "nccl" if device.type == "cuda" else "gloo"
-    return backend.value
+    return str(backend.value)
 
 
 def init(env: DistEnv, tp: int, pp: int, device: torch.device, backend: str, seed: int,
@@ -75,35 +75,35 @@ def seed_model_parallel(seed: int, device: torch.device) -> None:
 
 
 def tp_rank() -> int:
-    return ps.get_tensor_model_parallel_rank()
+    return int(ps.get_tensor_model_parallel_rank())
 
 
 def tp_size() -> int:
-    return ps.get_tensor_model_parallel_world_size()
+    return int(ps.get_tensor_model_parallel_world_size())
 
 
 def pp_rank() -> int:
-    return ps.get_pipeline_model_parallel_rank()
+    return int(ps.get_pipeline_model_parallel_rank())
 
 
 def dp_rank() -> int:
-    return ps.get_data_parallel_rank()
+    return int(ps.get_data_parallel_rank())
 
 
 def dp_size() -> int:
-    return ps.get_data_parallel_world_size()
+    return int(ps.get_data_parallel_world_size())
 
 
-def dp_group():
+def dp_group() -> Any:
     return ps.get_data_parallel_group()
 
 
 def is_last_stage(vp_stage: Optional[int] = None) -> bool:
-    return ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    return bool(ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage))
 
 
 def is_first_stage(vp_stage: Optional[int] = None) -> bool:
-    return ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    return bool(ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage))
 
 
 def rank() -> int:

@@ -27,7 +27,7 @@ class Layout:
     """Processes in the run."""
     vpp: int = 1
     """Model chunks per pp rank (interleaved schedule when > 1)."""
-    stage_layers: tuple = ()
+    stage_layers: tuple[int, ...] = ()
     """Transformer layers per virtual stage (pp > 1)."""
     cp: int = 1
     """Context-parallel degree (each sequence split over cp ranks)."""

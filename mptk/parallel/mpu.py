@@ -9,50 +9,53 @@ sequence-parallel mpu and ignore the data-parallel methods.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from megatron.core import parallel_state as ps
 
 
 class MegatronMpu:
     """Data-parallel = megatron's DP group; model-parallel = megatron's tp x pp group."""
 
-    def get_data_parallel_group(self):
+    def get_data_parallel_group(self) -> Any:
         return ps.get_data_parallel_group()
 
     def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
+        return int(ps.get_data_parallel_rank())
 
     def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
+        return int(ps.get_data_parallel_world_size())
 
-    def get_model_parallel_group(self):
+    def get_model_parallel_group(self) -> Any:
         return ps.get_model_parallel_group()
 
     def get_model_parallel_rank(self) -> int:
-        return self.get_model_parallel_group().rank()
+        return int(self.get_model_parallel_group().rank())
 
     def get_model_parallel_world_size(self) -> int:
-        return self.get_model_parallel_group().size()
+        return int(self.get_model_parallel_group().size())
 
-    def get_tensor_model_parallel_group(self):
+    def get_tensor_model_parallel_group(self) -> Any:
         return ps.get_tensor_model_parallel_group()
 
     def get_tensor_model_parallel_rank(self) -> int:
-        return ps.get_tensor_model_parallel_rank()
+        return int(ps.get_tensor_model_parallel_rank())
 
     def get_tensor_model_parallel_world_size(self) -> int:
-        return ps.get_tensor_model_parallel_world_size()
+        return int(ps.get_tensor_model_parallel_world_size())
 
-    def get_pipeline_model_parallel_group(self):
+    def get_pipeline_model_parallel_group(self) -> Any:
         return ps.get_pipeline_model_parallel_group()
 
     def get_pipeline_model_parallel_rank(self) -> int:
-        return ps.get_pipeline_model_parallel_rank()
+        return int(ps.get_pipeline_model_parallel_rank())
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return ps.get_pipeline_model_parallel_world_size()
+        return int(ps.get_pipeline_model_parallel_world_size())
 
 
-def mark_parameters(model) -> None:
+def mark_parameters(model: torch.nn.Module) -> None:
     """Tell DeepSpeed's gradient-norm code which parameters to count once.
 
     DeepSpeed counts a parameter if it is model-parallel or if ``mpu.get_model_parallel_rank()``
@@ -64,6 +67,6 @@ def mark_parameters(model) -> None:
     tp_rank = ps.get_tensor_model_parallel_rank()
     for param in model.parameters():
         if getattr(param, "shared", False):
-            param.ds_pipe_replicated = True
+            param.ds_pipe_replicated = True  # type: ignore[attr-defined]
         elif tp_rank == 0 and not getattr(param, "tensor_model_parallel", False):
-            param.model_parallel = True
+            param.model_parallel = True  # type: ignore[attr-defined]

@@ -63,7 +63,7 @@ fi
 say "imports and the card's bf16 matmul rate"
 python3 - <<'EOF' 2>&1 | tee "$OUT/probe.txt" || { say "probe failed"; exit 4; }
 import time, torch, deepspeed, megatron.core, hydra, omegaconf, tokenizers
-import mptk.cli.bench, recipes.gpt.recipe
+import mptk.cli.bench, mptk.launch.bench, mptk.models.baseline, recipes.gpt.recipe
 print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "megatron-core",
       megatron.core.__version__, "cuda", torch.version.cuda)
 if not torch.cuda.is_available():

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mptk.checkpoint import core as ck
+from mptk.checkpoint import format as ck
+from mptk.checkpoint.state import load_weights
 
 
 class CliError(Exception):
@@ -164,7 +165,7 @@ def cmd_export(args) -> None:
     cfg.parallel.tp, cfg.parallel.pp = 1, 1
     single_process_world(cfg.train.seed)
     model = full_model(cfg)
-    ck.load_weights([model], folder)
+    load_weights([model], folder)
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items()
              if torch.is_tensor(v) and not k.endswith("_extra_state")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

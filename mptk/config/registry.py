@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 
 from mptk.config.schema import ModelConfig
+from mptk.config.shape import Shape, transformer
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,10 @@ class Recipe:
     """Throughput units in one sample (tokens: seq_length; images: 1)."""
     eval_summary: Callable[[dict[str, Any]], dict[str, Any]] = lambda sums: {}
     """Extra eval metrics from the dp-summed ``loss`` metrics, e.g. ``{"eval_top1": c / n}``."""
+    shape: Callable[[ModelConfig], Shape] = transformer
+    """``shape(model_cfg) -> Shape``: dimensions and ends (embedding, head) for the cost model
+    (:mod:`mptk.plan.cost`: planner, pipeline stage balance, FLOP/s). The default counts the
+    transformer layers of the model config alone, with no embedding or head."""
 
 
 _RECIPES: dict[str, Recipe] = {}
@@ -117,6 +122,6 @@ class ModelContext:
     vp_stage: Optional[int] = None
     """Model chunk index on this rank with the interleaved schedule (``None`` without)."""
     stage_layers: Optional[list[int]] = None
-    """Layers per virtual stage (pp>1), see :mod:`mptk.models.partition`."""
+    """Layers per virtual stage (pp>1), see :mod:`mptk.plan.partition`."""
     batch_p2p: bool = True
     """Batched pipeline p2p (off on gloo)."""

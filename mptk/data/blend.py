@@ -225,16 +225,24 @@ class TokenizerInfo:
         return {"class": "mptk", "vocab_size": self.vocab_size, "eod": self.eod}
 
 
-def gpt_config(blend: Blend, split: Any, seq_length: int, seed: int, cache: str,
-               tok: TokenizerInfo):
-    """megatron's ``GPTDatasetConfig``: no masks built (the recipe makes its own)."""
+def gpt_config(blend: Optional[Blend], split: Any, seq_length: int, seed: int, cache: str,
+               tok: TokenizerInfo, per_split: Optional[list[Optional[Blend]]] = None):
+    """megatron's ``GPTDatasetConfig``: no masks built (the recipe makes its own).
+
+    ``blend`` is cut into splits by ``split``; alternatively ``per_split`` names the train,
+    valid and test blends directly (None: that split is empty), as for the text caches whose
+    held-out documents are chosen when they are tokenized.
+    """
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
+    if per_split is not None:
+        where = {"blend_per_split": [None if b is None else b.megatron() for b in per_split]}
+    else:
+        where = {"blend": blend.megatron(), "split": split_text(split)}
     return GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=blend.megatron(),
-        split=split_text(split), path_to_cache=cache, tokenizer=tok, reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        mid_level_dataset_surplus=0.005)
+        random_seed=seed, sequence_length=seq_length, path_to_cache=cache, tokenizer=tok,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, mid_level_dataset_surplus=0.005, **where)
 
 
 @contextmanager

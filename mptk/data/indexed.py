@@ -1,9 +1,15 @@
-"""A rank's view of megatron-core indexed datasets (``data.source=indexed``).
+"""A rank's view of megatron-core indexed datasets: the one dataset code of every text source.
 
-:class:`IndexedData` has the two methods the loop calls, like ``TokenData``:
-``batch(step, micro)`` and ``eval_batches()``. Training samples come from the train split of
-``data.blend`` (see :mod:`mptk.data.blend`), built by megatron's
-``BlendedMegatronDatasetBuilder`` with ``train.steps * train.global_batch_size`` samples.
+:class:`IndexedData` has the two methods the loop calls: ``batch(step, micro)`` and
+``eval_batches()``. Its splits are megatron ``GPTDataset``s built by megatron's
+``BlendedMegatronDatasetBuilder`` with ``train.steps * train.global_batch_size`` training
+samples, from one of:
+
+- ``data.source=indexed``: the train / valid / test splits of ``data.blend`` (see
+  :mod:`mptk.data.blend`), cut by ``data.split``;
+- ``data.source=stdlib`` (the default) or ``files``: the ``train`` and ``heldout`` datasets
+  that :func:`mptk.data.tokens.prepare` wrote once into the cache (every k-th document held
+  out, ``data.heldout_fraction``), as megatron's train and valid splits.
 
 Exact resume: the position in the data derives from the step alone. Global sample ``g`` of
 micro-batch ``micro`` on dp rank ``r`` at step ``s`` is::
@@ -27,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -36,9 +40,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mptk.config.schema import RunConfig
+from mptk.config.schema import DataSource, RunConfig
 from mptk.data import blend as blends
-from mptk.data import corpus, preprocess, tokenizer
+from mptk.data import corpus, preprocess, tokenizer, tokens
 from mptk.data.order import Place, global_samples  # noqa: F401  (global_samples re-exported)
 
 STDLIB_VERSION = 1
@@ -61,7 +65,9 @@ def collate(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
 
 def fixed_batches(dataset, micro_batch_size: int, n: int, dp_rank: int,
                   dp_size: int) -> list[dict[str, torch.Tensor]]:
-    """``n`` micro-batches in fixed order, sharded over dp (like ``tokens.eval_batches``)."""
+    """``n`` micro-batches in fixed order, sharded over dp: batch ``j`` on rank ``r`` holds
+    samples ``j*mbs*dp + r*mbs + row`` (wrapping when the split is short), so together the
+    ranks cover the first ``n*mbs*dp`` samples, whatever the dp size."""
     out = []
     for j in range(n):
         base = j * micro_batch_size * dp_size + dp_rank * micro_batch_size
@@ -135,17 +141,48 @@ def index_cache(cfg: RunConfig) -> str:
 
 
 def datasets(cfg: RunConfig, dp: int, vocab_size: int, log=print) -> list:
-    """Train / valid / test datasets of the configured blend (valid is required)."""
-    blend = resolve_blend(cfg, vocab_size, log)
-    meta = blends.check_meta(blend, vocab_size)
-    blends.check_documents(blend, cfg.data.split)
-    tok = blends.TokenizerInfo(vocab_size=vocab_size, eod=meta["eod_id"] if meta else 0)
-    config = blends.gpt_config(blend, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
-                               index_cache(cfg), tok)
+    """Train / valid / test datasets of the configured source (valid is required)."""
+    if cfg.data.source in (DataSource.stdlib, DataSource.files):
+        config = text_config(cfg, vocab_size, log)
+    else:
+        config = blend_config(cfg, vocab_size, log)
     train, valid, test = blends.build(config, sample_counts(cfg, dp), log=log)
     if train is None or valid is None:
         raise ValueError(f"data.split={list(cfg.data.split)} needs train and valid shares")
     return [train, valid, test]
+
+
+def blend_config(cfg: RunConfig, vocab_size: int, log=print):
+    """megatron's dataset config for ``data.blend`` (or the stdlib default) cut by data.split."""
+    blend = resolve_blend(cfg, vocab_size, log)
+    meta = blends.check_meta(blend, vocab_size)
+    blends.check_documents(blend, cfg.data.split)
+    tok = blends.TokenizerInfo(vocab_size=vocab_size, eod=meta["eod_id"] if meta else 0)
+    return blends.gpt_config(blend, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
+                             index_cache(cfg), tok)
+
+
+def text_config(cfg: RunConfig, vocab_size: int, log=print):
+    """megatron's dataset config for a text source's cache: its ``train`` dataset as the train
+    split, its ``heldout`` one as the valid split (the cache is built on first use)."""
+    folder = tokens.prepare(cfg.data, vocab_size, log=log)
+    meta = tokens.load_meta(folder)
+    check_lengths(meta, cfg.model.seq_length)
+    per_split = [blends.Blend((tokens.split_prefix(folder, s),)) for s in tokens.SPLITS]
+    tok = blends.TokenizerInfo(vocab_size=vocab_size, eod=meta["eod_id"])
+    return blends.gpt_config(None, None, cfg.model.seq_length, cfg.train.seed,
+                             index_cache(cfg), tok, per_split=per_split + [None])
+
+
+def check_lengths(meta: dict, seq_length: int) -> None:
+    """Each split of a text cache holds one sample of ``seq_length`` + 1 tokens at least
+    (megatron would otherwise fail deep inside its index builder)."""
+    train, held = (meta["splits"][s]["tokens"] for s in tokens.SPLITS)
+    if train - 1 < seq_length:
+        raise ValueError(f"{train} tokens are too few for seq_length {seq_length}")
+    if held - 1 < seq_length:
+        raise ValueError(f"held-out split ({held} tokens) is shorter than "
+                         f"seq_length {seq_length} + 1")
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,33 +200,34 @@ def stdlib_key(cfg: RunConfig, files: list[Path], vocab_size: int) -> str:
 
 
 def stdlib_prefix(cfg: RunConfig, vocab_size: int, log=print) -> str:
-    """The stdlib corpus as ``stdlib.bin/.idx`` in the cache dir (built on first use)."""
+    """The stdlib corpus as ``stdlib.bin/.idx`` in the cache dir (built on first use, the
+    same way as :func:`mptk.data.tokens.prepare`: in a temporary folder renamed into place)."""
     files = corpus.stdlib_files()
     root = Path(os.path.expanduser(cfg.data.cache_dir)).resolve()
     folder = root / stdlib_key(cfg, files, vocab_size)
-    if preprocess.read_meta(folder / "stdlib") is None:
-        with blends.file_lock(root):
-            if preprocess.read_meta(folder / "stdlib") is None:
-                log(f"preprocessing {len(files)} stdlib files (first {int(cfg.data.max_chars):,} "
-                    f"chars) into {folder}/stdlib.bin/.idx (once; later runs reuse it)")
-                _build_stdlib(folder, cfg, files, vocab_size, log)
+    if _stdlib_built(folder):
+        return str(folder / "stdlib")
+    log(f"preprocessing {len(files)} stdlib files (first {int(cfg.data.max_chars):,} "
+        f"chars) into {folder}/stdlib.bin/.idx (once; later runs reuse it)")
+    tokens.build_once(folder, lambda tmp: _build_stdlib(tmp, cfg, files, vocab_size),
+                      complete=_stdlib_built)
+    meta = preprocess.read_meta(folder / "stdlib")
+    log(f"{meta['documents']:,} documents, {meta['tokens']:,} tokens in {folder}")
     return str(folder / "stdlib")
 
 
-def _build_stdlib(folder: Path, cfg: RunConfig, files: list[Path], vocab_size: int,
-                  log) -> None:
-    """Tokenizer from the train share, then every document, in a temporary folder."""
+def _stdlib_built(folder: Path) -> bool:
+    """The sidecar is written last, so its presence marks a complete dataset."""
+    return preprocess.read_meta(folder / "stdlib") is not None
+
+
+def _build_stdlib(tmp: Path, cfg: RunConfig, files: list[Path], vocab_size: int) -> None:
+    """Tokenizer from the train share, then every document (shuffled once, with a fixed
+    seed, so that megatron's document-range split is a random one)."""
     texts = corpus.read_documents(files, int(cfg.data.max_chars))
     order = np.random.default_rng(STDLIB_SHUFFLE_SEED).permutation(len(texts))
     texts = [texts[i] for i in order]
     train_range = blends.split_ranges(len(texts), cfg.data.split)[0] or (0, len(texts))
-    n_train = max(1, train_range[1])
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    try:
-        tok = tokenizer.train_bpe(texts[:n_train], vocab_size, tmp / "tokenizer.json")
-        docs = [(t, len(t.encode("utf-8"))) for t in texts]
-        summary = preprocess.preprocess(docs, tok, tmp / "stdlib", sources=["stdlib"])
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(summary.line().replace(str(tmp), str(folder)))
+    tok = tokenizer.train_bpe(texts[:max(1, train_range[1])], vocab_size,
+                              tmp / "tokenizer.json")
+    tokens.write_split(tmp, "stdlib", texts, tok, "stdlib")

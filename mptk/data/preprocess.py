@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 from mptk.data import tokenizer as bpe
+
+load_tokenizer = bpe.load
+"""The package's one tokenizer loader, under the name ``mptk-data`` calls it by."""
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 """Files read as one JSON document a line; any other file is one plain-text document."""
@@ -40,30 +43,6 @@ CHUNK_DOCS, CHUNK_BYTES = 256, 1 << 18
 # ---------------------------------------------------------------------------------------
 # Tokenizers
 # ---------------------------------------------------------------------------------------
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A ``tokenizer.json`` file, or an HF tokenizer folder (``tokenizer.json``, or GPT-2
-    style ``vocab.json`` + ``merges.txt``). Local files only: nothing is downloaded."""
-    path = Path(os.path.expanduser(str(path)))
-    if path.is_dir() and (path / "tokenizer.json").is_file():
-        path = path / "tokenizer.json"
-    if path.is_file():
-        tok = Tokenizer.from_file(str(path))
-    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        tok = _from_vocab_merges(path)
-    else:
-        raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
-    tok.encode_special_tokens = True  # a literal special token in the text stays text
-    return tok
-
-
-def _from_vocab_merges(folder: Path) -> Tokenizer:
-    """A byte-level BPE from GPT-2 style files."""
-    tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok
 
 
 def find_eod(tok: Tokenizer, eod_token: Optional[str] = None) -> int:
@@ -208,7 +187,8 @@ class Summary:
 
 
 def token_dtype(vocab_size: int) -> type:
-    """megatron's choice: uint16 when every id fits, else int32."""
+    """uint16 when every id fits (ids run 0..vocab_size-1 and uint16 holds 0..65535, so
+    vocab_size <= 65536), else int32. The one rule for every token file mptk writes."""
     return np.uint16 if vocab_size <= 65536 else np.int32
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -37,9 +38,30 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> Tokeni
 
 
 def load(path: str | Path) -> Tokenizer:
-    """Load a tokenizer saved by :func:`train_bpe`."""
-    tok = Tokenizer.from_file(str(path))
-    tok.encode_special_tokens = True
+    """A ``tokenizer.json`` file (e.g. saved by :func:`train_bpe`), or an HF tokenizer folder
+    (``tokenizer.json``, or GPT-2 style ``vocab.json`` + ``merges.txt``).
+
+    The one loader of the package: the training caches and ``mptk-data`` both read through
+    it, so a tokenizer always encodes the same way. Local files only: nothing is downloaded.
+    """
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.json"
+    if path.is_file():
+        tok = Tokenizer.from_file(str(path))
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        tok = _from_vocab_merges(path)
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
+    tok.encode_special_tokens = True  # a literal special token in the text stays text
+    return tok
+
+
+def _from_vocab_merges(folder: Path) -> Tokenizer:
+    """A byte-level BPE from GPT-2 style files."""
+    tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     return tok
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
-import socket
-import time
 
 from mptk.config.schema import RunConfig
-from mptk.parallel.env import DistEnv
 from mptk.exitcodes import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE
+from mptk.launch import runner
+from mptk.launch.runner import free_port  # noqa: F401 - mptk-ckpt's one-rank world uses it
 from mptk.log.noise import quiet
 
 # A spawned worker imports this module first (it holds the process target), before the
@@ -18,13 +16,7 @@ from mptk.log.noise import quiet
 quiet()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(cfg: RunConfig, env: DistEnv) -> None:
+def _worker(env, cfg: RunConfig) -> None:
     from mptk.train.loop import run
 
     run(cfg, env)
@@ -32,14 +24,9 @@ def _worker(cfg: RunConfig, env: DistEnv) -> None:
 
 def spawn(cfg: RunConfig, nproc: int) -> int:
     """Run ``nproc`` workers; return 0, or the first failing worker's exit code."""
-    port = cfg.launcher.master_port or free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, name=f"mptk-rank{r}", args=(cfg, DistEnv(
-        rank=r, local_rank=r, world_size=nproc, master_addr=cfg.launcher.master_addr,
-        master_port=port, launcher="spawn"))) for r in range(nproc)]
-    for p in procs:
-        p.start()
-    forward_signals(procs)  # mptk #4: SIGTERM/SIGUSR1 reach the workers (they save, exit 3)
+    envs = runner.rank_envs(nproc, cfg.launcher.master_addr, cfg.launcher.master_port)
+    procs = runner.start(_worker, envs, cfg)
+    forward_signals(procs)  # SIGTERM/SIGUSR1 reach the workers (they save, exit 3)
     return wait(procs)
 
 
@@ -79,26 +66,8 @@ def _kill_now(procs: list) -> None:
 
 def wait(procs: list) -> int:
     """Wait for all; when one fails, stop the others (they would hang in a collective)."""
-    while any(p.is_alive() for p in procs):
-        failed = [p for p in procs if p.exitcode not in (None, *CLEAN_EXITS)]
-        if failed:
-            _stop(procs)
-            print(f"mptk: worker {failed[0].name} exited with code {failed[0].exitcode}; "
-                  f"stopped the others", flush=True)
-            return failed[0].exitcode or 1
-        time.sleep(0.2)
-    codes = [p.exitcode for p in procs]
-    return next((c for c in codes if c not in CLEAN_EXITS), max(codes))  # 3: stopped cleanly
-
-
-def _stop(procs: list) -> None:
-    """SIGTERM, then SIGKILL for workers still alive after 5 s (a worker that notes SIGTERM
-    to save may be stuck in a collective with the failed peer)."""
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
+    end = runner.wait(procs, clean=CLEAN_EXITS)
+    if end.stopped and end.failed is not None:
+        print(f"mptk: worker {procs[end.failed].name} exited with code "
+              f"{end.codes[end.failed]}; stopped the others", flush=True)
+    return end.code  # 3: every worker stopped cleanly after a checkpoint

@@ -2,10 +2,11 @@
 
 Model FLOPs count forward + backward without recomputation (Narayanan et al. 2021,
 Korthikanti et al. 2022: ``72 B s l h^2 (1 + s/(6h) + V/(12 l h))`` for a GPT), written per
-layer in :func:`mptk.plan.perf.model_flops` so the same figure serves the planner and the run.
-MFU is model TFLOP/s per device over the device's peak dense bf16 TFLOP/s: from
-``cluster.peak_tflops`` when set, else the GPU table (:mod:`mptk.plan.hardware`) by
-``cluster.gpu`` or the CUDA device name. On CPU there is no peak: TFLOP/s only, no MFU.
+layer in :func:`mptk.plan.cost.model_flops` on the shape the recipe states, so the planner and
+the run report the same figure. MFU is model TFLOP/s per device over the device's peak dense
+bf16 TFLOP/s: from ``cluster.peak_tflops`` when set, else the GPU table
+(:mod:`mptk.plan.hardware`) by ``cluster.gpu`` or the CUDA device name. On CPU there is no
+peak: TFLOP/s only, no MFU.
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ from typing import Optional
 import torch
 
 from mptk.config.schema import ClusterConfig, ModelConfig
+from mptk.plan import cost, hardware
 
 
 def step_flops(model: ModelConfig, global_batch: int) -> float:
     """Model FLOPs of one optimizer step (all ranks together)."""
-    from mptk.plan.memory import shape_of
-    from mptk.plan.perf import model_flops
-
-    return model_flops(shape_of(model), global_batch)
+    return cost.model_flops(cost.shape_of(model), global_batch)
 
 
 def peak_tflops(cluster: ClusterConfig, device: torch.device) -> Optional[float]:
     """Peak dense TFLOP/s of one device, or None when unknown (CPU, a GPU not in the table)."""
-    from mptk.plan import hardware
-
     if cluster.peak_tflops:
         return float(cluster.peak_tflops)
     if device.type != "cuda":

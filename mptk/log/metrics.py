@@ -64,17 +64,17 @@ class Metrics:
     def __init__(self, cfg: RunConfig, active: bool, printer=print, layout=None,
                  rank_printer=None):
         self.active, self.printer, self.wandb = active, printer, None
-        self.rank_printer = rank_printer  # mptk #7: inactive ranks' lines (their rank log)
+        self.rank_printer = rank_printer  # where ranks other than 0 print (their rank log)
         self.path = Path(cfg.run_dir) / "metrics.jsonl"
         if active:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            meta = run_meta(layout)  # mptk #7: git revision, versions, layout
+            meta = run_meta(layout)
             (self.path.parent / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
             self.wandb = _wandb_run(cfg, meta)
 
     def log(self, row: dict, console: bool = True) -> None:
         if not self.active:
-            if console and self.rank_printer is not None:  # mptk #7
+            if console and self.rank_printer is not None:
                 self.rank_printer(format_line(row))
             return
         with self.path.open("a") as f:
@@ -96,7 +96,7 @@ class Metrics:
 
 
 def git_revision() -> Optional[str]:
-    """``git rev-parse HEAD`` of the mptk source tree (mptk #7), or None outside a checkout."""
+    """``git rev-parse HEAD`` of the mptk source tree, or None outside a checkout."""
     import subprocess
 
     try:
@@ -108,7 +108,7 @@ def git_revision() -> Optional[str]:
 
 
 def versions() -> dict:
-    """Installed versions of the packages a run depends on (mptk #7)."""
+    """Installed versions of the packages a run depends on."""
     from importlib import metadata
 
     found = {}
@@ -122,7 +122,7 @@ def versions() -> dict:
 
 def run_meta(layout=None) -> dict:
     """Logged once per run (W&B config ``meta``, ``run_dir/meta.json``): git revision, package
-    versions and the parallel layout (mptk #7)."""
+    versions and the parallel layout."""
     shape = None
     if layout is not None:
         shape = {k: getattr(layout, k) for k in ("world", "tp", "pp", "dp", "vpp", "grad_acc")
@@ -141,4 +141,4 @@ def _wandb_run(cfg: RunConfig, meta: Optional[dict] = None) -> Optional[Any]:
     return wandb.init(project=settings.project, entity=settings.entity,
                       name=settings.name or Path(cfg.run_dir).name, dir=cfg.run_dir,
                       mode=settings.mode.value,
-                      config={**config_dict(cfg), "meta": meta or {}})  # mptk #7: meta
+                      config={**config_dict(cfg), "meta": meta or {}})

@@ -1,87 +1,62 @@
 """mptk-plan: memory and step time of a training layout before any GPU is touched.
 
 ``plan(cfg, cluster)`` gives a :class:`Plan` (memory per GPU by item, step time by part,
-tokens/s, MFU, a verdict); :mod:`mptk.plan.search` ranks layouts; :func:`predict_fits` is the
-hook the training preflight calls. Pure arithmetic: no torch import, no GPU.
+tokens/s, MFU, a verdict) of a typed :class:`RunConfig`; :mod:`mptk.plan.cost` is the cost
+model (parameters, FLOPs, activations) it shares with stage balancing (:mod:`mptk.plan.partition`)
+and FLOP/s logging; :mod:`mptk.plan.search` ranks layouts; :func:`predict_fits` is the hook the
+training preflight calls. Pure arithmetic, no GPU: torch is imported only by
+:func:`predict_fits`, to look at the visible GPU when the config names none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional, Union
 
+from mptk.config.schema import ClusterConfig, RunConfig
+from mptk.parallel.layout import Layout
+from mptk.plan import partition
+from mptk.plan.cost import Shape, shape_of
 from mptk.plan.hardware import EFFICIENCY, GPU, Cluster, GiB, from_device_name, gpu
-from mptk.plan.memory import (Choice, Memory, Shape, Training, even_split, shape_of,
-                              training_of, worst_memory)
+from mptk.plan.memory import Choice, Memory, Training, training_of, worst_memory
 from mptk.plan.perf import Timing, estimate
 
-__all__ = ["Choice", "Cluster", "GPU", "Plan", "choice_of", "gpu", "make_plan", "plan",
-           "predict_fits", "RESERVE"]
+__all__ = ["Choice", "Cluster", "GPU", "PLANNER_ONLY", "Plan", "choice_of", "gpu", "make_plan",
+           "plan", "predict_fits", "RESERVE", "stage_counts"]
 
 RESERVE = 2 * GiB
 """Per-GPU memory the planner keeps back: CUDA context (~0.5 GiB), NCCL buffers, allocator
 fragmentation. An assumption; ``--reserve-gib`` changes it."""
 
-KNOBS: dict[str, tuple[str, ...]] = {
-    "vpp": ("parallel.vpp",),
-    "recompute": ("model.recompute", "train.recompute", "parallel.recompute",
-                  "model.recompute_granularity"),
-    "sp": ("parallel.sequence_parallel", "model.sequence_parallel", "parallel.sp"),
-}
-"""Config paths that may carry a planner knob; the first one the schema has is used."""
+PLANNER_ONLY = {"recompute": "none", "sp": "false"}
+"""Knobs the planner models but :class:`RunConfig` has no key for yet (activation
+recomputation, sequence parallelism), with the value a run gets: a config always asks for
+that value; the search varies them only with ``--all-knobs`` and gives them as ``# knob=value``
+notes."""
 
 
 # --------------------------------------------------------------------------- config
 
 
-def config_path(cfg: Any, knob: str) -> Optional[str]:
-    """The config key that sets ``knob`` in this schema, or None when it has none."""
-    for path in KNOBS[knob]:
-        group, _, name = path.partition(".")
-        node = getattr(cfg, group, None)
-        if node is not None and name in {f.name for f in dataclasses.fields(node)}:
-            return path
-    return None
+def choice_of(cfg: RunConfig, world: int) -> Choice:
+    """The layout a config asks for on ``world`` GPUs (:data:`PLANNER_ONLY` knobs at their
+    defaults)."""
+    p = cfg.parallel
+    return Choice(tp=p.tp, pp=p.pp, dp=max(1, world // (p.tp * p.pp)), vpp=p.vpp or 1,
+                  zero=cfg.zero.stage, micro=cfg.train.micro_batch_size)
 
 
-def read_knob(cfg: Any, path: Optional[str]) -> Any:
-    if path is None:
-        return None
-    group, _, name = path.partition(".")
-    return getattr(getattr(cfg, group), name)
-
-
-def _recompute(value: Any) -> str:
-    value = getattr(value, "value", value)
-    if value in (None, False, "none", "null", ""):
-        return "none"
-    return "full" if value is True else str(value)
-
-
-def choice_of(cfg: Any, world: int) -> Choice:
-    """The layout a config asks for on ``world`` GPUs."""
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    return Choice(tp=tp, pp=pp, dp=max(1, world // (tp * pp)),
-                  vpp=read_knob(cfg, config_path(cfg, "vpp")) or 1, zero=cfg.zero.stage,
-                  micro=cfg.train.micro_batch_size,
-                  recompute=_recompute(read_knob(cfg, config_path(cfg, "recompute"))),
-                  sp=bool(read_knob(cfg, config_path(cfg, "sp"))))
-
-
-def stage_counts(cfg: Any, c: Choice) -> list[int]:
-    """Layers per virtual stage as training will split them (megatron partition of the
-    lead's :mod:`mptk.models.partition` when importable, else an even split)."""
-    layers = cfg.model.num_layers
+def stage_counts(cfg: RunConfig, c: Choice) -> list[int]:
+    """Layers per virtual stage as training will split them (:mod:`mptk.plan.partition`
+    with ``parallel.layers_per_stage``); an invalid list, which the preflight reports,
+    falls back to an even split so the plan still prints."""
     if c.pp == 1:
-        return [layers]
+        return [cfg.model.num_layers]
     try:
-        from mptk.models import partition
-
-        spec = getattr(cfg.parallel, "layers_per_stage", "auto")
-        return list(partition.stage_layers(cfg.model, c.pp, c.vpp, spec))
-    except Exception:  # an invalid list (preflight reports it) or no partition module
-        return even_split(layers, c.pp * c.vpp)
+        return list(partition.stage_layers(cfg.model, c.pp, c.vpp, cfg.parallel.layers_per_stage))
+    except partition.PartitionError:
+        return partition.even_split(cfg.model.num_layers, c.pp * c.vpp)
 
 
 # --------------------------------------------------------------------------- plan
@@ -100,9 +75,11 @@ class Plan:
 
     @property
     def fits(self) -> bool:
+        """The worst rank's total fits in the card's memory."""
         return self.memory.total() <= self.cluster.gpu.memory
 
     def verdict(self) -> str:
+        """One line: fits with the room left, or does not with the two largest items."""
         need, have = self.memory.total() / GiB, self.cluster.gpu.memory / GiB
         where = f"on {self.cluster.gpu.name} (pipeline rank {self.memory.rank})"
         if self.fits:
@@ -121,7 +98,7 @@ def make_plan(sh: Shape, c: Choice, tr: Training, cluster: Cluster, counts: list
     return Plan(sh, c, tr, cluster, memory, estimate(sh, c, tr, cluster, counts, efficiency))
 
 
-def plan(cfg: Any, cluster: Cluster, choice: Optional[Choice] = None,
+def plan(cfg: RunConfig, cluster: Cluster, choice: Optional[Choice] = None,
          efficiency: float = EFFICIENCY, reserve: float = RESERVE) -> Plan:
     """The plan of ``cfg``'s layout (or ``choice``) on ``cluster``."""
     c = choice or choice_of(cfg, cluster.world)
@@ -132,17 +109,19 @@ def plan(cfg: Any, cluster: Cluster, choice: Optional[Choice] = None,
 # --------------------------------------------------------------------------- preflight hook
 
 
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
+ClusterLike = Union[ClusterConfig, Cluster, None]
+"""A run's cluster profile, a planner :class:`Cluster`, or nothing (local runs)."""
 
 
-def _gpu_run(cfg: Any, cluster: Any) -> bool:
+def _gpu_run(cfg: RunConfig, cluster: ClusterLike) -> bool:
     """Whether the run is on GPUs: train.device, else the cluster profile, else CUDA."""
-    device = _value(cfg.train.device)
+    device = cfg.train.device.value
     if device != "auto":
         return device == "cuda"
-    if getattr(cluster, "gpus_per_node", 0):
+    if cluster is not None and cluster.gpus_per_node:
         return True
+    # device=auto on a machine without a profile: what training will pick (lazy: the planner's
+    # arithmetic never needs torch)
     import torch
 
     return torch.cuda.is_available()
@@ -159,20 +138,20 @@ def _local_gpu() -> Optional[GPU]:
     return dataclasses.replace(found, memory=total) if found else None
 
 
-def hardware_for(cluster: Any, world: int) -> Optional[Cluster]:
-    """A planner :class:`Cluster` from a cluster profile (``ClusterConfig``-like, with an
-    optional ``gpu`` name) or a visible GPU; None when the GPU type is unknown."""
+def hardware_for(cluster: ClusterLike, world: int) -> Optional[Cluster]:
+    """A planner :class:`Cluster` from a cluster profile (its ``gpu`` name) or a visible GPU;
+    None when the GPU type is unknown."""
     if isinstance(cluster, Cluster):
         return cluster
-    name = getattr(cluster, "gpu", None)
+    name = getattr(cluster, "gpu", None)  # None, or a profile-like object without the field
     card = gpu(name) if name else _local_gpu()
     if card is None:
         return None
-    per_node = getattr(cluster, "gpus_per_node", 0) or world
+    per_node = (cluster.gpus_per_node if cluster is not None else 0) or world
     return Cluster(nodes=max(1, world // per_node), gpus_per_node=min(per_node, world), gpu=card)
 
 
-def predict_fits(cfg: Any, layout: Any, cluster: Any = None) -> tuple[bool, str]:
+def predict_fits(cfg: RunConfig, layout: Layout, cluster: ClusterLike = None) -> tuple[bool, str]:
     """``(fits, reason)`` for the training preflight. CPU runs, and GPU runs whose GPU type is
     unknown (no ``cluster.gpu``, no visible GPU), are not checked and count as fitting."""
     if not _gpu_run(cfg, cluster):
@@ -189,9 +168,10 @@ def predict_fits(cfg: Any, layout: Any, cluster: Any = None) -> tuple[bool, str]
         return True, f"memory not checked ({type(err).__name__}: {err})"
 
 
-def _layout_fits(cfg: Any, layout: Any, hw: Cluster) -> tuple[bool, str]:
+def _layout_fits(cfg: RunConfig, layout: Layout, hw: Cluster) -> tuple[bool, str]:
+    """The preflight's layout (its stage split when it has one) planned on ``hw``."""
     c = dataclasses.replace(choice_of(cfg, layout.world), tp=layout.tp, pp=layout.pp,
-                            dp=layout.dp, vpp=getattr(layout, "vpp", 1) or 1)
-    counts = list(getattr(layout, "stage_layers", ()) or ()) or stage_counts(cfg, c)
+                            dp=layout.dp, vpp=layout.vpp or 1)
+    counts = list(layout.stage_layers) or stage_counts(cfg, c)
     p = make_plan(shape_of(cfg.model), c, training_of(cfg), hw, counts)
     return p.fits, p.verdict()

@@ -1,7 +1,7 @@
-"""Memory per GPU: parameters per rank, DeepSpeed's model states per ZeRO stage, activations
-(Korthikanti et al. 2022) and temporary buffers.
+"""Memory per GPU: DeepSpeed's model states per ZeRO stage, the activations a pipeline rank
+holds and temporary buffers (parameters and per-layer bytes: :mod:`mptk.plan.cost`).
 
-Model states follow DeepSpeed 0.19.8 as measured on its engine (see :mod:`mptk.plan.measure`):
+Model states follow DeepSpeed 0.19.8 as measured on its engine (see :mod:`mptk.launch.measure`):
 working-precision parameters ``w`` bytes each (2 for bf16/fp16, 4 for fp32), gradients in
 the same dtype, and for ZeRO >= 1 (or any 16-bit run) an fp32 master copy plus the torch
 optimizer's states (AdamW: exp_avg + exp_avg_sq, 8 bytes, and a 4-byte ``step`` scalar per
@@ -12,117 +12,24 @@ clones the partition), 4+4+12/N.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
-# --------------------------------------------------------------------------- model shape
+from mptk.config.schema import RunConfig
+from mptk.plan.cost import (
+    Shape,
+    Tensors,
+    head_bytes,
+    largest_layer,
+    layer_activations,
+    numel,
+    param_groups,
+    stage_tensors,
+    tensor_count,
+)
 
-
-@dataclass(frozen=True, slots=True)
-class Shape:
-    """The model dimensions the planner needs (from ``cfg.model``)."""
-
-    recipe: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    seq: int
-    vocab: int
-    gated: bool = False
-    rms: bool = False
-    learned_pos: bool = True
-    tied: bool = True
-    flash: bool = True
-    """SDPA attention: the s x s score matrix is not kept for backward."""
-    vit: tuple[int, int, int] = (0, 0, 0)
-    """ViT only: (channels, patch_size, num_classes)."""
-
-
-def shape_of(model) -> Shape:
-    """A :class:`Shape` from a recipe's model config (GPT and ViT recipes)."""
-    h, value = model.hidden_size, lambda e: getattr(e, "value", e)
-    vit = model.recipe == "vit"
-    seq = (model.image_size // model.patch_size) ** 2 + 1 if vit else model.seq_length
-    return Shape(
-        recipe=model.recipe, layers=model.num_layers, hidden=h, heads=model.num_attention_heads,
-        kv_heads=model.num_query_groups or model.num_attention_heads,
-        ffn=model.ffn_hidden_size or 4 * h, seq=seq, vocab=getattr(model, "vocab_size", 0),
-        gated=value(model.activation) == "swiglu", rms=value(model.normalization) == "RMSNorm",
-        learned_pos=vit or value(getattr(model, "position_embedding", "")) == "learned_absolute",
-        tied=getattr(model, "tie_embeddings", False), flash=value(model.attention) == "sdpa",
-        vit=(model.channels, model.patch_size, model.num_classes) if vit else (0, 0, 0))
-
-
-# --------------------------------------------------------------------------- parameters
-
-Tensors = Counter
-"""``{(numel, is_matrix): count}``: the parameter tensors one rank holds (mptk puts
-matrices in the weight-decay group and vectors in the other, :func:`param_groups`)."""
-
-
-def _norm(s: Shape) -> list[tuple[int, bool]]:
-    return [(s.hidden, False)] if s.rms else [(s.hidden, False), (s.hidden, False)]
-
-
-def layer_tensors(s: Shape, tp: int) -> list[tuple[int, bool]]:
-    """One megatron transformer layer (local spec, biases on) on one tp rank."""
-    h, d = s.hidden, s.hidden // s.heads
-    qkv = (s.heads + 2 * s.kv_heads) * d // tp
-    fc1 = s.ffn * (2 if s.gated else 1) // tp
-    return [*_norm(s), (qkv * h, True), (qkv, False), (h * h // tp, True), (h, False),
-            *_norm(s), (fc1 * h, True), (fc1, False), (h * s.ffn // tp, True), (h, False)]
-
-
-def _gpt_ends(s: Shape, tp: int, first: bool, last: bool, pp: int) -> list[tuple[int, bool]]:
-    out = []
-    if first:
-        out += [(s.vocab // tp * s.hidden, True)] + ([(s.seq * s.hidden, True)] if s.learned_pos else [])
-    if last:
-        out += _norm(s)
-        if not s.tied or (pp > 1 and not first):  # tied at pp>1: the last stage keeps a copy
-            out.append((s.vocab // tp * s.hidden, True))
-    return out
-
-
-def _vit_ends(s: Shape, first: bool, last: bool) -> list[tuple[int, bool]]:
-    channels, patch, classes = s.vit
-    out = []
-    if first:
-        out += [(s.hidden * channels * patch * patch, True), (s.seq * s.hidden, True),
-                (s.hidden, True), *_norm(s)]  # conv1, positions, class token [1,1,h], ln_pre
-    if last:
-        out += [*_norm(s), (classes * s.hidden, True), (classes, False)]
-    return out
-
-
-def stage_tensors(s: Shape, tp: int, layers: int, first: bool, last: bool, pp: int = 1) -> Tensors:
-    """Parameter tensors of one rank holding ``layers`` layers (and the ends it owns)."""
-    ends = _vit_ends(s, first, last) if s.vit[0] else _gpt_ends(s, tp, first, last, pp)
-    counts = Counter(ends)
-    for key, n in Counter(layer_tensors(s, tp)).items():
-        counts[key] += n * layers
-    return counts
-
-
-def total_params(s: Shape) -> int:
-    """Parameters of the whole model (tp=1, pp=1)."""
-    return numel(stage_tensors(s, 1, s.layers, True, True))
-
-
-def numel(t: Tensors) -> int:
-    return sum(n * c for (n, _), c in t.items())
-
-
-def param_groups(t: Tensors) -> list[int]:
-    """Elements in mptk's two optimizer groups (decay: matrices; no decay: vectors)."""
-    groups = [sum(n * c for (n, m), c in t.items() if m), sum(n * c for (n, m), c in t.items() if not m)]
-    return [g for g in groups if g]
-
-
-def tensor_count(t: Tensors) -> int:
-    return sum(t.values())
+__all__ = ["Choice", "Memory", "States", "Training", "buffers", "in_flight", "interleave_factor",
+           "model_states", "rank_layers", "rank_memory", "training_of", "worst_memory",
+           "zero_paper"]
 
 
 # --------------------------------------------------------------------------- model states
@@ -145,7 +52,8 @@ class Training:
     """ZeRO-3 ``sub_group_size`` (DeepSpeed default)."""
 
 
-def training_of(cfg) -> Training:
+def training_of(cfg: RunConfig) -> Training:
+    """The :class:`Training` settings of a run config."""
     z, value = cfg.zero, lambda e: getattr(e, "value", e)
     extra = z.extra.get("zero_optimization", {}) if isinstance(z.extra, dict) else {}
     return Training(
@@ -166,9 +74,11 @@ class States:
     optim: float = 0.0
 
     def total(self) -> float:
+        """All model-state bytes."""
         return self.params + self.grads + self.master + self.optim
 
     def as_dict(self) -> dict[str, float]:
+        """By role, with the total (what ``--measure`` compares)."""
         return {"params": self.params, "grads": self.grads, "master": self.master,
                 "optim": self.optim, "total": self.total()}
 
@@ -249,29 +159,7 @@ def zero_paper(psi: float, dp: int, stage: int, k: int = 12, w: int = 2) -> floa
     return params + grads + optim
 
 
-# --------------------------------------------------------------------------- activations
-
-
-def korthikanti(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
-                recompute: str = "none") -> float:
-    """Activation bytes of one transformer layer, 16-bit activations (Korthikanti et al.
-    2022, Table 2): sbh(34 + 5as/h) unparallelised; tp t: sbh(10 + 24/t + 5as/(ht));
-    with sequence parallel sbh/t (34 + 5as/h); selective recompute drops the 5as/h term;
-    full recompute keeps only the layer input, 2sbh (/t with sequence parallel)."""
-    sbh = s * b * h
-    if recompute == "full":
-        return 2 * sbh / (t if sp else 1)
-    attn = 0.0 if recompute == "selective" else 5 * a * s / h
-    if sp:
-        return sbh / t * (34 + attn)
-    return sbh * (10 + 24 / t + attn / t)
-
-
-def layer_activations(sh: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int) -> float:
-    """Korthikanti's per-layer bytes for this model: SDPA keeps no score matrix (as selective
-    recompute), fp32 activations double the 2-byte terms (approximation: masks stay 1 byte)."""
-    mode = "selective" if sh.flash and recompute == "none" else recompute
-    return korthikanti(sh.seq, micro, sh.hidden, sh.heads, tp, sp, mode) * (w / 2)
+# --------------------------------------------------------------------------- activations held
 
 
 def in_flight(pp: int, micro_batches: int, rank: int = 0) -> int:
@@ -283,13 +171,6 @@ def interleave_factor(pp: int, vpp: int) -> float:
     """Korthikanti: with v model chunks per rank the first stage holds 1 + (p-1)/(p v) times
     the non-interleaved activations."""
     return 1.0 if vpp <= 1 or pp <= 1 else 1 + (pp - 1) / (pp * vpp)
-
-
-def head_bytes(sh: Shape, micro: int, tp: int) -> float:
-    """Last stage: fp32 logits and their softmax for the loss, s*b*V/t*4 bytes each."""
-    classes = sh.vit[2] if sh.vit[0] else sh.vocab
-    seq = 1 if sh.vit[0] else sh.seq
-    return 2 * 4 * seq * micro * classes / tp
 
 
 # --------------------------------------------------------------------------- buffers
@@ -333,9 +214,11 @@ class Memory:
     """Micro-batches of activations held at once (in flight x interleaving factor)."""
 
     def total(self) -> float:
+        """Everything the rank needs, reserve included."""
         return self.states.total() + self.activations + self.head + self.buffers + self.reserve
 
     def rows(self) -> list[tuple[str, float]]:
+        """(item, bytes) in the order the report prints them."""
         st = self.states
         return [("weights", st.params), ("gradients", st.grads), ("fp32 master", st.master),
                 ("optimizer states", st.optim), ("activations", self.activations),
@@ -343,19 +226,9 @@ class Memory:
                 ("CUDA context / NCCL / fragmentation", self.reserve)]
 
 
-def even_split(layers: int, stages: int) -> list[int]:
-    """Layers per virtual stage, as even as possible (earlier stages get the remainder)."""
-    base, extra = divmod(layers, stages)
-    return [base + (i < extra) for i in range(stages)]
-
-
 def rank_layers(counts: list[int], pp: int, rank: int) -> int:
     """Layers a pipeline rank holds: virtual stages rank, rank+pp, ... (interleaved order)."""
     return sum(counts[rank::pp])
-
-
-def largest_layer(sh: Shape, tp: int) -> int:
-    return sum(n for n, _ in layer_tensors(sh, tp))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
-"""Step time: model FLOPs (Megatron's formula) over an achievable per-GPU rate, tensor-parallel
-all-reduces and data-parallel reductions over NVLink/InfiniBand, the pipeline bubble, the
-optimizer step; then tokens/s and MFU.
+"""Step time: model FLOPs (Megatron's formula, from :mod:`mptk.plan.cost`) over an achievable
+per-GPU rate, tensor-parallel all-reduces and data-parallel reductions over NVLink/InfiniBand,
+the pipeline bubble, the optimizer step; then tokens/s and MFU.
 
 Assumptions (each a constant below): compute and tp communication are not overlapped
 (megatron's tp collectives sit on the critical path); DeepSpeed's dp reduction is exposed
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mptk.plan.cost import Shape, hardware_flops, model_flops, numel, stage_tensors
 from mptk.plan.hardware import LOCAL_ATTENTION, Cluster
-from mptk.plan.memory import Choice, Shape, Training, layer_tensors, numel, rank_layers, stage_tensors
+from mptk.plan.memory import Choice, Training, rank_layers
 
 LATENCY_NVLINK = 10e-6
 """Seconds per collective inside a node (NCCL small-message latency, order of magnitude)."""
@@ -22,43 +23,6 @@ ZERO3_SLOWDOWN = 316 / 132
 """ZeRO-3's partition/gather hooks on one H200 (STACK_NOTES: 132 vs 316 TF/s at ZeRO-1)."""
 OPTIMIZER_PASSES = 2.0
 """Memory passes of torch's foreach AdamW over its tensors (memory-bound step)."""
-
-# --------------------------------------------------------------------------- FLOPs
-
-
-def megatron_flops(batch: int, s: int, l: int, h: int, v: int) -> float:
-    """Model FLOPs per step (Korthikanti et al. 2022): 72 B s l h^2 (1 + s/(6h) + V/(12 l h))."""
-    return 72 * batch * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
-
-
-def layer_matmul_params(sh: Shape) -> int:
-    """Matrix elements of one layer (tp=1): qkv, projection, MLP."""
-    return sum(n for n, matrix in layer_tensors(sh, 1) if matrix)
-
-
-def _head_flops(sh: Shape) -> float:
-    """Forward FLOPs of the output layer per sample (logits; ViT: class token only)."""
-    return 2 * sh.hidden * sh.vit[2] if sh.vit[0] else 2 * sh.seq * sh.hidden * sh.vocab
-
-
-def _layer_forward(sh: Shape) -> tuple[float, float]:
-    """(matmul, attention-core) forward FLOPs of one layer for one sample."""
-    return 2 * sh.seq * layer_matmul_params(sh), 4 * sh.seq * sh.seq * sh.hidden
-
-
-def model_flops(sh: Shape, batch: int) -> float:
-    """Forward + backward FLOPs per step without recomputation: Megatron's formula, written
-    per layer so it also holds for gated MLPs and grouped-query attention."""
-    matmul, core = _layer_forward(sh)
-    return 3 * batch * (sh.layers * (matmul + core) + _head_flops(sh))
-
-
-def hardware_flops(sh: Shape, batch: int, recompute: str) -> float:
-    """FLOPs actually executed: full recompute repeats each layer's forward, selective the
-    attention core."""
-    matmul, core = _layer_forward(sh)
-    extra = {"full": matmul + core, "selective": core}.get(recompute, 0.0)
-    return model_flops(sh, batch) + batch * sh.layers * extra
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -155,6 +119,7 @@ class Timing:
     bubble_share: float
 
     def rows(self) -> list[tuple[str, float]]:
+        """(part, seconds) in the order the report prints them."""
         return [("compute", self.compute), ("tensor-parallel all-reduce", self.tp),
                 ("pipeline bubble", self.bubble), ("pipeline sends", self.pp),
                 ("data-parallel reduce (exposed)", self.dp), ("optimizer step", self.optimizer)]

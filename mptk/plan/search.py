@@ -1,7 +1,7 @@
 """Layout search: enumerate tp (inside a node), pp, vpp, dp, ZeRO stage, micro-batch,
 recomputation and sequence parallelism; keep the valid layouts that fit; rank them by
-estimated tokens/s. ``explain`` gives the reasons the others were dropped, in the
-training preflight's own words where it has them.
+estimated tokens/s. :class:`Result` keeps why the others were dropped (the training
+preflight's own words for them come from ``mptk.cli.plan_report``, above this layer).
 """
 
 from __future__ import annotations
@@ -9,13 +9,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from mptk.plan import RESERVE, Plan, config_path, make_plan, read_knob
+from mptk.config import registry
+from mptk.config.schema import RunConfig
+from mptk.plan import PLANNER_ONLY, RESERVE, Plan, make_plan
+from mptk.plan.cost import Shape, shape_of
 from mptk.plan.hardware import EFFICIENCY, Cluster
-from mptk.plan.memory import Choice, Shape, Training, even_split, shape_of, training_of
+from mptk.plan.memory import Choice, Training, training_of
+from mptk.plan.partition import even_split
 
 VPP = (2, 3, 4, 6, 8)
 """Model chunks per pipeline rank tried with the interleaved schedule."""
@@ -24,8 +29,8 @@ RECOMPUTE = ("none", "selective", "full")
 
 @dataclass(frozen=True, slots=True)
 class Knobs:
-    """Which optional knobs the search varies (those the config can express, unless
-    ``--all-knobs`` asks for the planner-only ones too)."""
+    """Which optional knobs the search varies: vpp (``parallel.vpp``) always, the
+    :data:`~mptk.plan.PLANNER_ONLY` ones only when asked (``--all-knobs``)."""
 
     vpp: bool = True
     recompute: bool = False
@@ -34,18 +39,17 @@ class Knobs:
     """The recipe has a pipeline forward (pp > 1 possible)."""
 
 
-def knobs_of(cfg: Any, all_knobs: bool = False) -> Knobs:
-    from mptk.config import registry
-
+def knobs_of(cfg: RunConfig, all_knobs: bool = False) -> Knobs:
+    """The knobs to search for ``cfg``'s recipe (pp > 1 needs its pipeline forward)."""
     try:
         pipeline = registry.get(cfg.model.recipe).forward is not None
-    except (KeyError, AttributeError):
+    except KeyError:
         pipeline = False
-    has = {k: all_knobs or config_path(cfg, k) is not None for k in ("vpp", "recompute", "sp")}
-    return Knobs(pipeline=pipeline, **has)
+    return Knobs(vpp=True, recompute=all_knobs, sp=all_knobs, pipeline=pipeline)
 
 
 def divisors(n: int) -> list[int]:
+    """Divisors of ``n``, ascending."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -97,7 +101,7 @@ def model_problems(sh: Shape, c: Choice) -> list[str]:
         problems.append("tp does not divide the attention heads")
     if sh.kv_heads % c.tp:
         problems.append("tp does not divide the query groups")
-    if sh.vocab and not sh.vit[0] and sh.vocab % c.tp:
+    if sh.vocab and sh.vocab % c.tp:  # vocabulary-parallel embedding / output layer
         problems.append("tp does not divide the vocabulary")
     return problems
 
@@ -128,6 +132,7 @@ class Result:
     evaluated: int = 0
 
     def reject(self, reason: str, c: Choice, count: int = 1) -> None:
+        """Count a dropped layout under ``reason``, keeping the first as its example."""
         self.rejected[reason] += count
         self.examples.setdefault(reason, c)
 
@@ -153,7 +158,7 @@ def _keep(result: Result, p: Plan, top: int) -> None:
             result.too_big = sorted(result.too_big, key=lambda q: q.memory.total())[:top]
 
 
-def search(cfg: Any, cluster: Cluster, knobs: Optional[Knobs] = None, top: int = 10,
+def search(cfg: RunConfig, cluster: Cluster, knobs: Optional[Knobs] = None, top: int = 10,
            efficiency: float = EFFICIENCY, reserve: float = RESERVE) -> Result:
     """All layouts of ``cfg``'s model and batch on ``cluster``, best tokens/s first."""
     sh, tr, knobs = shape_of(cfg.model), training_of(cfg), knobs or knobs_of(cfg)
@@ -178,65 +183,41 @@ def search(cfg: Any, cluster: Cluster, knobs: Optional[Knobs] = None, top: int =
 # --------------------------------------------------------------------------- output
 
 
-def overrides(cfg: Any, c: Choice, cluster: Optional[Cluster] = None) -> list[str]:
-    """The command-line overrides that select layout ``c`` (and the cluster size); knobs the
-    config has no key for are given as ``# knob=value`` notes."""
-    out = [f"parallel.tp={c.tp}", f"parallel.pp={c.pp}"]
-    out += _optional(cfg, "vpp", c.vpp, 1)
+def overrides(cfg: RunConfig, c: Choice, cluster: Optional[Cluster] = None) -> list[str]:
+    """The command-line overrides that select layout ``c`` (and the cluster size); the
+    :data:`~mptk.plan.PLANNER_ONLY` knobs are given as ``# knob=value`` notes."""
+    out = [f"parallel.tp={c.tp}", f"parallel.pp={c.pp}", *_vpp(cfg, c.vpp)]
     out += [f"zero.stage={c.zero}", f"train.micro_batch_size={c.micro}"]
-    out += _optional(cfg, "recompute", c.recompute, "none")
-    out += _optional(cfg, "sp", str(c.sp).lower(), "false")
-    out += _cluster(cfg, cluster) if cluster else []
+    out += _note("recompute", c.recompute) + _note("sp", str(c.sp).lower())
+    out += _cluster(cluster) if cluster else []
     return sorted(out, key=lambda o: o.startswith("#"))  # notes last: '#' ends a shell line
 
 
-def _optional(cfg: Any, knob: str, value: Any, default: Any) -> list[str]:
-    path = config_path(cfg, knob)
-    if path is None:
-        return [] if value == default else [f"# {knob}={value} (mptk has no config key for it yet)"]
-    current = read_knob(cfg, path)
-    if value == default and current in (None, False, 1, default):
+def _vpp(cfg: RunConfig, vpp: int) -> list[str]:
+    """``parallel.vpp`` when it differs from what the config has (``null``: no interleaving)."""
+    if vpp == 1 and cfg.parallel.vpp in (None, 1):
         return []
-    return [f"{path}={'null' if knob == 'vpp' and value == 1 else value}"]
+    return [f"parallel.vpp={'null' if vpp == 1 else vpp}"]
 
 
-def _cluster(cfg: Any, cluster: Cluster) -> list[str]:
-    node = getattr(cfg, "cluster", None)
-    if node is None:
-        return [f"# {cluster.nodes} nodes x {cluster.gpus_per_node} GPUs"]
-    names = {f.name for f in dataclasses.fields(node)}
-    out = [f"cluster.nodes={cluster.nodes}"]
-    out += [f"cluster.{k}={cluster.gpus_per_node}" for k in ("gpus_per_node", "tasks_per_node") if k in names]
-    return out
+def _note(knob: str, value: Any) -> list[str]:
+    """A planner-only knob away from its default, as a shell comment."""
+    if value == PLANNER_ONLY[knob]:
+        return []
+    return [f"# {knob}={value} (mptk has no config key for it yet)"]
 
 
-def configured(cfg: Any, c: Choice, world: int) -> Any:
+def _cluster(cluster: Cluster) -> list[str]:
+    """The cluster profile's size: one task per GPU."""
+    return [f"cluster.nodes={cluster.nodes}", f"cluster.gpus_per_node={cluster.gpus_per_node}",
+            f"cluster.tasks_per_node={cluster.gpus_per_node}"]
+
+
+def configured(cfg: RunConfig, c: Choice, world: int) -> RunConfig:
     """A copy of ``cfg`` set to layout ``c`` (what the training preflight would see)."""
     cfg = copy.deepcopy(cfg)
     cfg.parallel.tp, cfg.parallel.pp = c.tp, c.pp
-    if config_path(cfg, "vpp"):
-        cfg.parallel.vpp = c.vpp if c.vpp > 1 else None
+    cfg.parallel.vpp = c.vpp if c.vpp > 1 else None
     cfg.zero.stage, cfg.train.micro_batch_size = c.zero, c.micro
     cfg.launcher.nproc_per_node = world
     return cfg
-
-
-def explain(cfg: Any, c: Choice, world: int) -> list[str]:
-    """The training preflight's lines for layout ``c`` (empty when it accepts it)."""
-    from mptk.train.preflight import PreflightError, preflight
-
-    try:
-        preflight(configured(cfg, c, world), world, True)
-    except PreflightError as err:
-        return list(err.problems)
-    return []
-
-
-def why(cfg: Any, result: Result, world: int) -> list[tuple[str, int, Choice, list[str]]]:
-    """(reason, how many, an example layout, preflight's lines for it) per reason."""
-    rows = []
-    for reason, count in result.rejected.most_common():
-        example = result.examples[reason]
-        lines = [] if reason.startswith("does not fit") else explain(cfg, example, world)
-        rows.append((reason, count, example, lines))
-    return rows

@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mptk.compat.cpu import device_scope
 from mptk.log.phases import Phases
-from mptk.train.step import dp_mean, dp_sums, grad_norm, to_device
+from mptk.train.step import dp_mean, dp_sums, grad_norm, time_grad_reduce, to_device
 
 
 def chunks_of(engine) -> list[torch.nn.Module]:
@@ -164,3 +164,34 @@ def _share_from_last_stage(sums: dict) -> dict:
     last = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[-1]
     dist.broadcast_object_list(box, src=last, group=ps.get_pipeline_model_parallel_group())
     return box[0]
+
+
+class PipelineStep:
+    """The pp>1 step strategy: megatron's schedule, then DeepSpeed's dp reduce and step.
+
+    Same interface as :class:`mptk.train.step.EngineStep`; it also reports the pipeline
+    bubble (theory and, per step, measured) through :meth:`figures`.
+    """
+
+    def __init__(self, engine, recipe, data, layout, device, cfg, phases: Phases):
+        self.engine, self.recipe, self.data = engine, recipe, data
+        self.device, self.cfg, self.phases = device, cfg, phases
+        self.grad_acc, self.stats = layout.grad_acc, {}
+        self.bubble_theory = theoretical_bubble(layout.pp, layout.vpp, layout.grad_acc)
+        time_grad_reduce(engine, phases)
+        attach_timers(engine, phases)
+
+    def train(self, step: int) -> tuple[float, float]:
+        """One optimizer step (0-based ``step``): (loss mean over micro-batches and dp, norm)."""
+        return pipeline_step(self.engine, self.recipe, self.data, step, self.grad_acc,
+                             self.device, self.cfg, stats=self.stats, phases=self.phases)
+
+    def evaluate(self) -> dict:
+        """Held-out metrics through a forward-only schedule."""
+        return pipeline_evaluate(self.engine, self.recipe, self.data, self.device, self.cfg)
+
+    def figures(self) -> dict:
+        """The bubble of the last step (theory, then measured); the measurement is consumed."""
+        out = {"bubble_theory": self.bubble_theory, **self.stats}
+        self.stats.clear()
+        return out

@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 
 from mptk.exitcodes import INTERRUPTED_EXIT_CODE
+from mptk.train import faults
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """Signals that mean: save and stop (Slurm sends SIGUSR1 before the time limit, SIGTERM on
 preemption/scancel; the local launcher forwards both, and a Ctrl-C as SIGTERM)."""
 
-TEST_SIGTERM_ENV = "MPTK_TEST_SIGTERM_AFTER_STEP"
-"""Test hook: after this step, rank 0 sends SIGTERM to its parent (the launcher)."""
+TEST_SIGTERM_ENV = faults.SIGTERM_ENV
+"""Test hook: after this step, rank 0 sends SIGTERM to its parent (see :mod:`mptk.train.faults`)."""
 
 _received: list[int] = []
 
@@ -61,7 +62,9 @@ def agree_stop() -> bool:
 
 
 def test_hook(step: int, rank: int) -> None:
-    """``MPTK_TEST_SIGTERM_AFTER_STEP=N``: rank 0 sends SIGTERM to its launcher after step N."""
+    """``MPTK_TEST_SIGTERM_AFTER_STEP=N``: rank 0 sends SIGTERM to its launcher after step N.
+
+    The trainer fires this through :meth:`mptk.train.faults.Faults.after_step`; this name stays
+    for the checkpoint code that still calls it (the SIGTERM goes out once either way)."""
     wanted = os.environ.get(TEST_SIGTERM_ENV)
-    if wanted and rank == 0 and step == int(wanted):
-        os.kill(os.getppid(), signal.SIGTERM)
+    faults.sigterm_launcher(step, rank, int(wanted) if wanted else None)

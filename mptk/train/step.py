@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mptk.parallel import groups
 from mptk.log.phases import Phases
+from mptk.parallel import groups
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -104,3 +104,29 @@ def evaluate(engine, recipe, data, device) -> dict:
     engine.train()
     return {"eval_loss": dp_mean(torch.stack(losses).mean()),
             **recipe.eval_summary(dp_sums(sums))}
+
+
+class EngineStep:
+    """The pp=1 step strategy: DeepSpeed's engine runs every micro-batch itself.
+
+    Same interface as :class:`mptk.train.pipeline.PipelineStep`: :meth:`train`,
+    :meth:`evaluate` and :meth:`figures`; the trainer picks one of the two once, at setup.
+    """
+
+    def __init__(self, engine, recipe, data, grad_acc: int, device, phases: Phases):
+        self.engine, self.recipe, self.data = engine, recipe, data
+        self.grad_acc, self.device, self.phases = grad_acc, device, phases
+        time_grad_reduce(engine, phases)
+
+    def train(self, step: int) -> tuple[float, float]:
+        """One optimizer step (0-based ``step``): (loss mean over micro-batches and dp, norm)."""
+        return train_step(self.engine, self.recipe, self.data, step, self.grad_acc, self.device,
+                          self.phases)
+
+    def evaluate(self) -> dict:
+        """Held-out metrics over every dp rank."""
+        return evaluate(self.engine, self.recipe, self.data, self.device)
+
+    def figures(self) -> dict:
+        """What this strategy adds to the last step's metrics row: nothing at pp=1."""
+        return {}

@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 
 from mptk.config.schema import ModelConfig, PositionEmbedding, RunConfig
 from mptk.config import registry
+from mptk.config.shape import Embedding, Head, Shape, transformer
 from mptk.models import megatron
 
 
@@ -60,15 +61,11 @@ def loss(model: GPTModel, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def data(cfg: RunConfig, layout, log=print):
-    """Token data for this run: megatron indexed datasets for ``data.source=indexed``, else
-    the token cache (the tokenizer is trained to ``model.vocab_size``)."""
-    if cfg.data.source.value == "indexed":
-        from mptk.data.indexed import IndexedData
+    """Token data for this run: megatron indexed datasets, from ``data.blend`` or from the text
+    source tokenized once into the cache (the tokenizer is trained to ``model.vocab_size``)."""
+    from mptk.data.indexed import IndexedData
 
-        return IndexedData.prepare(cfg, layout, cfg.model.vocab_size, log=log)
-    from mptk.data.source import TokenData
-
-    return TokenData.prepare(cfg, layout, cfg.model.vocab_size, log=log)
+    return IndexedData.prepare(cfg, layout, cfg.model.vocab_size, log=log)
 
 
 def checks(cfg: RunConfig) -> list[str]:
@@ -89,6 +86,14 @@ def checks(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def shape(cfg: GPTConfig) -> Shape:
+    """The cost model's view: a token embedding (learned positions or RoPE) and an LM head,
+    tied or not."""
+    return transformer(cfg, vocab=cfg.vocab_size, tied=cfg.tie_embeddings,
+                       learned_pos=cfg.position_embedding is PositionEmbedding.learned_absolute,
+                       embedding=Embedding.tokens, head=Head.lm)
+
+
 RECIPE = registry.register(registry.Recipe(
     name="gpt", config=GPTConfig, build=build, loss=loss, forward=forward, data=data, checks=checks,
-    units="tokens"))
+    units="tokens", shape=shape))

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mptk.compat import cpu
 from mptk.config.schema import AttentionImpl, DataSource, ModelConfig, RunConfig
 from mptk.config import registry
+from mptk.config.shape import Embedding, Head, Shape, transformer
 from mptk.models import megatron
 from mptk.models.attention import SdpaAttention
 
@@ -44,6 +45,14 @@ class ViTConfig(ModelConfig):
 def tokens_of(m: ViTConfig) -> int:
     """Sequence length the backbone runs: the patches plus the class token."""
     return (m.image_size // m.patch_size) ** 2 + 1
+
+
+def shape(cfg: ViTConfig) -> Shape:
+    """The cost model's view: the patch embedding (with class token and positions) in front,
+    a class head on the class token behind, over patches + 1 positions."""
+    return transformer(cfg, seq=tokens_of(cfg), learned_pos=True, embedding=Embedding.patches,
+                       patch_inputs=cfg.channels * cfg.patch_size ** 2, head=Head.classes,
+                       classes=cfg.num_classes)
 
 
 def layer_spec(cfg: ViTConfig) -> ModuleSpec:
@@ -220,4 +229,4 @@ def _folder_checks(root: str, num_classes: int) -> list[str]:
 RECIPE = registry.register(registry.Recipe(
     name="vit", config=ViTConfig, build=build, loss=loss, forward=forward, data=data,
     checks=checks, units="images", units_per_sample=lambda model_cfg: 1,
-    eval_summary=eval_summary))
+    eval_summary=eval_summary, shape=shape))

@@ -153,12 +153,6 @@ def test_two_nodes_in_network_namespaces(tmp_path, cache):
     assert "world=4 on cpu (gloo) launcher=slurm" in output and "step 3/3 | loss" in output, output
 
 
-CHECKPOINT_CODE = REPO / "mptk" / "train" / "checkpoint.py"
-
-
-@pytest.mark.skipif(not CHECKPOINT_CODE.exists(),
-                    reason="needs checkpoint save on SIGUSR1 + resume (issue #4: mptk/checkpoint/core.py "
-                           "does not exist yet)")
 def test_sigusr1_saves_requeues_and_resumes(tmp_path, cache):
     """Slurm's pre-timeout SIGUSR1 (sent here with scancel) -> save, exit 3 -> scontrol requeue ->
     the second run resumes in the same run dir and finishes every step."""

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import pickle
-import traceback
 from pathlib import Path
 
-from mptk.parallel.env import DistEnv
-from mptk.launch.local import free_port
+from mptk.launch import runner
 
 
 def tiny_overrides(cache: str) -> list[str]:
@@ -19,39 +15,13 @@ def tiny_overrides(cache: str) -> list[str]:
             f"data.cache_dir={cache}", "data.max_chars=300000", "optim.warmup_steps=1"]
 
 
-def _child(fn, env: DistEnv, args: tuple, out: Path) -> None:
-    import os
-
-    from mptk.parallel import groups
-
-    try:
-        result = fn(env, *args)
-        (out / f"rank{env.rank}.pkl").write_bytes(pickle.dumps(result))
-    except BaseException:
-        (out / f"rank{env.rank}.err").write_text(traceback.format_exc())
-        os._exit(1)
-    groups.finish(0)
-
-
 def run_world(fn, world: int, *args, tmp: Path, timeout: float = 600) -> list:
-    """``fn(env, *args)`` on ranks 0..world-1; returns the results in rank order."""
-    out = Path(tmp) / f"world{world}-{free_port()}"
-    out.mkdir(parents=True)
-    port, ctx = free_port(), mp.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(fn, DistEnv(
-        rank=r, local_rank=r, world_size=world, master_addr="127.0.0.1", master_port=port,
-        launcher="spawn"), args, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    errors = [f.read_text() for f in sorted(out.glob("*.err"))]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not errors, "\n".join(errors)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(world)]
+    """``fn(env, *args)`` on ranks 0..world-1; returns the results in rank order (a failing
+    rank fails the test with every rank's traceback)."""
+    try:
+        return runner.run(fn, world, *args, timeout=timeout, tmp=Path(tmp))
+    except runner.RankError as err:
+        raise AssertionError(err.details()) from None
 
 
 def assert_same(ref: dict, got: dict, rtol: float = 1e-5) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from harness import run_world
 from mptk.train.preflight import preflight
-from mptk.checkpoint import core as ck
+import mptk.checkpoint as ck
 
 
 def train_and_save(env, cfg, steps, save_at):

@@ -1,6 +1,7 @@
-"""Indexed data on real gloo ranks (tp=2 x dp=2): the stdlib default is preprocessed and
-its indices built once (by rank 0, inside the loop's rank_zero_first), tp peers read the
-same batches, dp ranks different ones, and one step's union equals a dp=1 run's step."""
+"""Indexed data on real gloo ranks (tp=2 x dp=2), for data=indexed and for the default text
+source (both read by the same megatron dataset code): the corpus is tokenized and its indices
+built once (by rank 0, inside the loop's rank_zero_first), tp peers read the same batches, dp
+ranks different ones, and one step's union equals a dp=1 run's step."""
 
 import pytest
 import torch
@@ -47,10 +48,14 @@ def rows(tensor):
     return sorted(map(tuple, tensor.tolist()))
 
 
-def test_tp_peers_agree_dp_ranks_differ(tmp_path):
+@pytest.mark.parametrize("source,tokenized", [("indexed", "preprocessing"),
+                                              ("stdlib", "tokenizing")])
+def test_tp_peers_agree_dp_ranks_differ(tmp_path, source, tokenized):
     from mptk.config.load import compose
 
-    cfg = compose(OVERRIDES + [f"data.cache_dir={tmp_path / 'cache'}"])
+    overrides = OVERRIDES if source == "indexed" else [
+        o for o in OVERRIDES if not o.startswith(("data=", "data.split"))]
+    cfg = compose(overrides + [f"data.cache_dir={tmp_path / 'cache'}"])
     out = run_world(rank_batches, 4, cfg, 3, tmp=tmp_path)
     by_dp = {}
     for result in out:
@@ -68,5 +73,5 @@ def test_tp_peers_agree_dp_ranks_differ(tmp_path):
         assert rows(torch.cat([dp0, dp1])) == rows(ref[step])
     assert not torch.equal(by_dp[0][0]["eval"], by_dp[1][0]["eval"])
     built = [i for i, r in enumerate(out) if any("built" in x for x in r["lines"])]
-    prepped = [i for i, r in enumerate(out) if any("preprocessing" in x for x in r["lines"])]
+    prepped = [i for i, r in enumerate(out) if any(tokenized in x for x in r["lines"])]
     assert built == [0] and prepped == [0]  # once, by rank 0; the others reused the caches

@@ -11,7 +11,7 @@ import pytest
 
 from harness import run_world
 from mptk.config.load import compose
-from mptk.plan.measure import measure_rank, write_rows
+from mptk.launch.measure import measure_rank, write_rows
 
 pytestmark = pytest.mark.spawn
 
@@ -76,7 +76,7 @@ def rank_params(env, cfgs):
 def test_param_counts_at_tp2(tmp_path):
     """The planner's per-rank parameter count equals the megatron model's, for GPT (tied,
     learned positions), GPT (SwiGLU, RMSNorm, GQA, RoPE, untied) and ViT."""
-    from mptk.plan.memory import numel, shape_of, stage_tensors
+    from mptk.plan.cost import numel, shape_of, stage_tensors
 
     common = ["parallel.tp=2", "launcher.nproc_per_node=2", "train.global_batch_size=64"]
     cfgs = [compose(["model=gpt_tiny", *common]),

@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 
-from mptk.cli import bench
+from mptk.cli import bench as cli
 from mptk.config.load import compose
-from mptk.plan.memory import shape_of, total_params
+from mptk.launch import bench
+from mptk.models import baseline
+from mptk.plan.cost import shape_of, total_params
 
 
 @pytest.mark.parametrize("model", ["gpt_tiny", "gpt_small", "gpt_1p3b"])
@@ -17,21 +19,21 @@ def test_plain_gpt_has_the_recipes_parameter_count(model):
     output; learned positions or RoPE), counted as the planner counts it."""
     cfg = compose([f"model={model}"])
     with torch.device("meta"):
-        plain = bench.PlainGPT(cfg.model)
+        plain = baseline.PlainGPT(cfg.model)
     assert sum(p.numel() for p in plain.parameters()) == total_params(shape_of(cfg.model))
 
 
 def test_plain_gpt_1p3b_matches_megatron_count():
     """1,311,625,216: the megatron-core GPTModel mptk builds for model=gpt_1p3b (measured)."""
     with torch.device("meta"):
-        plain = bench.PlainGPT(compose(["model=gpt_1p3b"]).model)
+        plain = baseline.PlainGPT(compose(["model=gpt_1p3b"]).model)
     assert sum(p.numel() for p in plain.parameters()) == 1_311_625_216
 
 
 def test_plain_gpt_trains_a_step_on_cpu():
     cfg = compose(["model=gpt_tiny", "model.position_embedding=rope", "model.num_layers=1"])
     torch.manual_seed(0)
-    model = bench.PlainGPT(cfg.model)
+    model = baseline.PlainGPT(cfg.model)
     tokens = torch.randint(cfg.model.vocab_size, (2, cfg.model.seq_length + 1))
     loss = model(tokens[:, :-1], tokens[:, 1:])
     assert abs(loss.item() - torch.log(torch.tensor(float(cfg.model.vocab_size))).item()) < 0.5
@@ -49,27 +51,27 @@ def test_rope_matches_megatron():
     angles = torch.outer(torch.arange(seq, dtype=torch.float32), rotary.inv_freq)
     freqs = torch.cat((angles, angles), dim=-1)[:, None, None, :]  # as RotaryEmbedding.forward
     ref = _apply_rotary_pos_emb_bshd(t, freqs)
-    cos, sin = bench.rope_tables(seq, dim)
-    got = bench.apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)  # ours: [b, s, h, d]
+    cos, sin = baseline.rope_tables(seq, dim)
+    got = baseline.apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)  # ours: [b, s, h, d]
     torch.testing.assert_close(got, ref)
 
 
 def test_variant_config_batch_steps_and_order(tmp_path):
-    args = bench.parse_args(["--shape", "tiny", "--steps", "4", "--warmup", "3",
-                             "train.micro_batch_size=3", "zero=zero3"])
+    args = cli.parse_args(["--shape", "tiny", "--steps", "4", "--warmup", "3",
+                           "train.micro_batch_size=3", "zero=zero3"])
     cfg = bench.compose_variant(args, "zero1_compile", nproc=2)
     assert cfg.train.global_batch_size == 6 and cfg.train.steps == 7
     assert cfg.zero.stage == 1  # the variant's overrides come last
     assert cfg.train.compile and cfg.optim.fused
     assert cfg.model.num_layers == 2 and cfg.parallel.tp == 1
-    big = bench.compose_variant(bench.parse_args(["--shape", "1p3b"]), "zero1", nproc=1)
+    big = bench.compose_variant(cli.parse_args(["--shape", "1p3b"]), "zero1", nproc=1)
     assert big.model.hidden_size == 2048 and big.train.dtype.value == "bf16"
     assert big.train.global_batch_size == 4
 
 
 def test_unknown_variant_is_refused(capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--variants", "zero1,warp9"])
+        cli.parse_args(["--variants", "zero1,warp9"])
     assert "warp9" in capsys.readouterr().err
 
 
@@ -93,7 +95,7 @@ def test_a_failing_variant_is_a_line_and_exit_1(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(bench, "run_ranks", fake)
     monkeypatch.setattr(bench, "prepare_data", lambda cfg: None)
     out = tmp_path / "lines.jsonl"
-    code = bench.main(["--variants", "zero1,torch_eager,zero0", "--out", str(out)])
+    code = cli.main(["--variants", "zero1,torch_eager,zero0", "--out", str(out)])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert code == 1
     assert [x["variant"] for x in lines] == ["torch_eager", "zero1", "zero0"]

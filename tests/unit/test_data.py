@@ -1,4 +1,5 @@
-"""Data pipeline: stdlib corpus, BPE tokenizer, token cache, deterministic samplers."""
+"""Data pipeline: stdlib corpus, BPE tokenizer, the text cache (megatron .bin/.idx splits) and
+the deterministic sampling every text source shares (megatron GPTDataset + the global order)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from mptk.config.schema import DataConfig, DataSource
-from mptk.data import corpus, tokenizer, tokens
+from mptk.data import blend, corpus, indexed, preprocess, tokenizer, tokens
+from mptk.data.order import global_samples
 
 MAX_CHARS = 300_000
 VOCAB = 512
@@ -108,8 +110,9 @@ def test_tokenizer_rejects_tiny_vocab(tmp_path):
 def test_prepare_layout_and_meta(cache):
     root, folder, lines = cache
     assert folder.parent == root
-    assert {p.name for p in folder.iterdir()} == {
-        "tokenizer.json", "train.npy", "heldout.npy", "meta.json"}
+    assert {p.name for p in folder.iterdir()} == {"tokenizer.json", "meta.json"} | {
+        f"{split}{suffix}" for split in tokens.SPLITS
+        for suffix in (".bin", ".idx", preprocess.META_SUFFIX)}
     meta = tokens.load_meta(folder)
     tok = tokens.load_tokenizer(folder)
     eod = tokenizer.eod_id(tok)
@@ -225,9 +228,11 @@ def test_heldout_indices():
 
 
 def test_token_dtype():
-    assert tokens.token_dtype(4096) == np.uint16
-    assert tokens.token_dtype(65535) == np.uint16
-    assert tokens.token_dtype(65536) == np.int32
+    # uint16 holds ids 0..65535, i.e. every id of a vocabulary of up to 65536 entries
+    assert preprocess.token_dtype(4096) == np.uint16
+    assert preprocess.token_dtype(65535) == np.uint16
+    assert preprocess.token_dtype(65536) == np.uint16
+    assert preprocess.token_dtype(65537) == np.int32
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,6 +247,53 @@ def ramp(n=1001) -> np.ndarray:
     return np.arange(n, dtype=np.int32)
 
 
+def write_prefix(prefix: Path, docs: list[np.ndarray]) -> str:
+    """``docs`` as a megatron indexed dataset (uint16), one sequence a document."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for doc in docs:
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(str(prefix) + ".idx")
+    return str(prefix)
+
+
+def splits(train: str, valid: str, seq: int, seed: int, sizes: list[int], cache: Path):
+    """megatron's train and valid GPTDatasets of two prefixes, as the text sources build them."""
+    config = blend.gpt_config(None, None, seq, seed, str(cache),
+                              blend.TokenizerInfo(vocab_size=65536, eod=0),
+                              per_split=[blend.Blend((train,)), blend.Blend((valid,)), None])
+    return blend.build(config, sizes, log=lambda _: None)[:2]
+
+
+class Sampler:
+    """A training split read the way :class:`indexed.IndexedData` reads it, with the
+    rank's place passed per call (so one object serves every dp layout)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def batch(self, step, micro, mbs, grad_acc, dp_rank, dp_size):
+        samples = global_samples(step, micro, mbs, grad_acc, dp_rank, dp_size)
+        return indexed.collate(self.dataset, samples)
+
+    def window_index(self, sample: int) -> int:
+        """The (unshuffled) sample megatron reads as global sample ``sample``."""
+        return int(self.dataset.shuffle_index[sample])
+
+
+@pytest.fixture(scope="module")
+def ramp_prefix(tmp_path_factory) -> tuple[str, Path]:
+    root = tmp_path_factory.mktemp("ramp")
+    return write_prefix(root / "ramp", [ramp()]), root / "indices"
+
+
+def ramp_sampler(ramp_prefix, seed: int, samples: int = 125) -> Sampler:
+    """One epoch of the ramp (1000 // SEQ = 125 samples) unless ``samples`` asks for more."""
+    prefix, cache = ramp_prefix
+    return Sampler(splits(prefix, prefix, SEQ, seed, [samples, 8, 0], cache)[0])
+
+
 def step_rows(sampler, step, mbs, grad_acc, dp) -> list[tuple]:
     rows = []
     for rank in range(dp):
@@ -251,39 +303,61 @@ def step_rows(sampler, step, mbs, grad_acc, dp) -> list[tuple]:
     return sorted(rows)
 
 
-def test_sampler_shapes_and_shifted_labels(cache):
+def test_text_source_reads_its_cache_through_indexed_data(cache, monkeypatch):
+    """The GPT recipe hands the loop megatron datasets of the cache's two splits."""
+    from mptk.config import registry
+    from mptk.config.load import compose
+    from mptk.parallel import groups
+    from mptk.parallel.layout import Layout
+
+    monkeypatch.setattr(groups, "dp_rank", lambda: 0)  # no process groups here
+    root, folder, _ = cache
+    cfg = compose([f"data.cache_dir={root}", f"data.max_chars={MAX_CHARS}",
+                   f"model.vocab_size={VOCAB}", "model.seq_length=32",
+                   "train.micro_batch_size=2", "train.global_batch_size=8", "train.steps=3"])
+    data = registry.get("gpt").data(cfg, Layout(tp=1, pp=1, dp=1, grad_acc=4, world=1),
+                                    log=lambda _: None)
+    assert isinstance(data, indexed.IndexedData) and data.test is None
+    prefixes = [ds.dataset.path_prefix for ds in (data.train, data.valid)]
+    assert prefixes == [tokens.split_prefix(folder, s) for s in tokens.SPLITS]
+    assert data.batch(2, 3)["tokens"].shape == (2, 32) and len(data.eval_batches()) == 4
+    assert {p.name for p in root.iterdir()} == {folder.name, "megatron-indices"}
+
+
+def test_sampler_shapes_and_shifted_labels(cache, ramp_prefix, tmp_path):
     _, folder, _ = cache
     train = tokens.load_split(folder, "train")
-    sampler = tokens.TokenSampler(train, 32, seed=1)
-    assert sampler.num_samples == (len(train) - 1) // 32
+    prefix = tokens.split_prefix(folder, "train")
+    sampler = Sampler(splits(prefix, prefix, 32, 1, [64, 8, 0], tmp_path)[0])
+    assert len(sampler.dataset.sample_index) - 1 == (len(train) - 1) // 32  # one epoch
     batch = sampler.batch(3, 1, 4, 2, 1, 2)
     assert batch["tokens"].shape == batch["labels"].shape == (4, 32)
     assert batch["tokens"].dtype == batch["labels"].dtype == torch.long
     assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
-    ramp_batch = tokens.TokenSampler(ramp(), SEQ, seed=0).batch(0, 0, 4, 1, 0, 1)
+    ramp_batch = ramp_sampler(ramp_prefix, seed=0).batch(0, 0, 4, 1, 0, 1)
     assert torch.equal(ramp_batch["labels"], ramp_batch["tokens"] + 1)
     assert (ramp_batch["tokens"][:, 0] % SEQ == 0).all()
 
 
-def test_sampler_is_a_pure_function():
-    a = tokens.TokenSampler(ramp(), SEQ, seed=7)
-    b = tokens.TokenSampler(ramp(), SEQ, seed=7)
+def test_sampler_is_a_pure_function(ramp_prefix):
+    a = ramp_sampler(ramp_prefix, seed=7)
+    b = ramp_sampler(ramp_prefix, seed=7)
     for args in [(0, 0, 2, 2, 0, 2), (123, 1, 2, 2, 1, 2), (5, 0, 3, 1, 0, 1)]:
         x, y = a.batch(*args), b.batch(*args)
         assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["labels"], y["labels"])
-    other_seed = tokens.TokenSampler(ramp(), SEQ, seed=8).batch(0, 0, 4, 1, 0, 1)
+    other_seed = ramp_sampler(ramp_prefix, seed=8).batch(0, 0, 4, 1, 0, 1)
     assert not torch.equal(other_seed["tokens"], a.batch(0, 0, 4, 1, 0, 1)["tokens"])
 
 
-def test_sampler_differs_across_dp_ranks():
-    sampler = tokens.TokenSampler(ramp(), SEQ, seed=0)
+def test_sampler_differs_across_dp_ranks(ramp_prefix):
+    sampler = ramp_sampler(ramp_prefix, seed=0)
     batches = [sampler.batch(2, 0, 4, 1, rank, 2)["tokens"] for rank in range(2)]
     starts = [set(b[:, 0].tolist()) for b in batches]
     assert starts[0].isdisjoint(starts[1])
 
 
-def test_step_covers_same_samples_whatever_dp():
-    sampler = tokens.TokenSampler(ramp(), SEQ, seed=3)
+def test_step_covers_same_samples_whatever_dp(ramp_prefix):
+    sampler = ramp_sampler(ramp_prefix, seed=3)
     mbs, global_batch = 2, 8
     for step in (0, 1, 17):
         reference = step_rows(sampler, step, mbs, global_batch // mbs, 1)
@@ -291,32 +365,42 @@ def test_step_covers_same_samples_whatever_dp():
             assert step_rows(sampler, step, mbs, global_batch // (mbs * dp), dp) == reference
 
 
-def test_sampler_epochs_cover_every_window_once():
-    sampler = tokens.TokenSampler(ramp(), SEQ, seed=0)
-    n = sampler.num_samples
+def test_sampler_epochs_cover_every_window_once(ramp_prefix):
+    """megatron shuffles a last, barely started epoch on its own: asking for one sample
+    more than an epoch gives two epochs, each a permutation of its own n samples."""
+    n = 125
+    sampler = ramp_sampler(ramp_prefix, seed=0, samples=n + 1)
     epoch0 = [sampler.window_index(i) for i in range(n)]
-    epoch1 = [sampler.window_index(n + i) for i in range(n)]
+    epoch1 = [sampler.window_index(n + i) - n for i in range(n)]  # epoch 1's samples: n..2n-1
     assert sorted(epoch0) == sorted(epoch1) == list(range(n))
     assert epoch0 != epoch1
 
 
 def test_sampler_rejects_short_arrays():
+    short = {"splits": {"train": {"tokens": SEQ}, "heldout": {"tokens": 100}}}
     with pytest.raises(ValueError, match="too few"):
-        tokens.TokenSampler(ramp(SEQ), SEQ, seed=0)
+        indexed.check_lengths(short, SEQ)
+    short["splits"].update(train={"tokens": 100}, heldout={"tokens": SEQ})
+    with pytest.raises(ValueError, match="held-out split"):
+        indexed.check_lengths(short, SEQ)
 
 
-def test_eval_batches_deterministic_and_sharded(cache):
+def test_eval_batches_deterministic_and_sharded(cache, ramp_prefix, tmp_path):
     _, folder, _ = cache
-    heldout = tokens.load_split(folder, "heldout")
-    one = tokens.eval_batches(heldout, 16, 2, 3, 0, 1)
-    again = tokens.eval_batches(heldout, 16, 2, 3, 0, 1)
+    heldout = tokens.split_prefix(folder, "heldout")
+    valid = splits(heldout, heldout, 16, 0, [8, 6, 0], tmp_path)[1]
+    one = indexed.fixed_batches(valid, 2, 3, 0, 1)
+    again = indexed.fixed_batches(valid, 2, 3, 0, 1)
     assert len(one) == 3
     for x, y in zip(one, again):
         assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["labels"], y["labels"])
-    starts = [b["tokens"][:, 0] for b in tokens.eval_batches(ramp(), SEQ, 2, 3, 0, 1)]
-    assert torch.cat(starts).tolist() == [SEQ * i for i in range(6)]
-    sharded = [tokens.eval_batches(ramp(), SEQ, 2, 3, r, 2) for r in range(2)]
+    prefix, cache_dir = ramp_prefix
+    ramp_valid = splits(prefix, prefix, SEQ, 0, [125, 125, 0], cache_dir)[1]
+    window = [SEQ * int(w) for w in ramp_valid.shuffle_index]  # sample i's first token
+    starts = [b["tokens"][:, 0] for b in indexed.fixed_batches(ramp_valid, 2, 3, 0, 1)]
+    assert torch.cat(starts).tolist() == [window[i] for i in range(6)]
+    sharded = [indexed.fixed_batches(ramp_valid, 2, 3, r, 2) for r in range(2)]
     firsts = sorted(int(b["tokens"][r, 0]) for s in sharded for b in s for r in range(2))
-    assert firsts == [SEQ * i for i in range(12)]
-    assert torch.equal(sharded[0][0]["tokens"][:, 0], torch.tensor([0, SEQ]))
-    assert torch.equal(sharded[1][0]["tokens"][:, 0], torch.tensor([2 * SEQ, 3 * SEQ]))
+    assert firsts == sorted(window[i] for i in range(12))
+    assert torch.equal(sharded[0][0]["tokens"][:, 0], torch.tensor([window[0], window[1]]))
+    assert torch.equal(sharded[1][0]["tokens"][:, 0], torch.tensor([window[2], window[3]]))

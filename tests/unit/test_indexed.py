@@ -13,7 +13,8 @@ import torch
 
 from mptk.config.load import compose
 from mptk.parallel.layout import Layout
-from mptk.data import blend, indexed, preprocess, tokenizer, tokens
+from mptk.data import blend, indexed, preprocess, tokenizer
+from mptk.data.order import Place
 
 VOCAB = 512
 SEQ = 16
@@ -193,10 +194,13 @@ def test_blend_weights_within_two_percent(corpus):
         assert (set(row.tolist()) <= a_ids) == (int(data.train[g]["dataset_id"]) == 0)
 
 
-def test_sample_indices_match_token_sampler():
-    sampler = tokens.TokenSampler(np.arange(1000), 8, seed=0)
-    for args in [(0, 0, 2, 2, 0, 2), (5, 1, 2, 2, 1, 2), (3, 3, 4, 4, 0, 1)]:
-        assert indexed.global_samples(*args) == sampler.sample_indices(*args)
+def test_sample_indices_match_place():
+    for step, micro, mbs, grad_acc, rank, dp in [(0, 0, 2, 2, 0, 2), (5, 1, 2, 2, 1, 2),
+                                                  (3, 3, 4, 4, 0, 1)]:
+        place = Place(micro_batch_size=mbs, grad_acc=grad_acc, dp_rank=rank, dp_size=dp,
+                      eval_batches=1)
+        assert indexed.global_samples(step, micro, mbs, grad_acc, rank, dp) == \
+            place.samples(step, micro)
     with pytest.raises(ValueError):
         indexed.global_samples(0, 2, 2, 2, 0, 1)
 
@@ -260,7 +264,7 @@ def test_stdlib_default_is_preprocessed_once(tmp_path):
     data = make(cfg, log=lines.append)
     assert any("preprocessing" in line and "stdlib" in line for line in lines), lines
     prefix = indexed.stdlib_prefix(cfg, VOCAB, log=lines.append)
-    tok = preprocess.load_tokenizer(Path(prefix).parent)
+    tok = tokenizer.load(Path(prefix).parent)
     ds = IndexedDataset(prefix)
     text = "".join(tok.decode(ds[i][:-1].tolist()) for i in range(len(ds)))
     assert len(text) == 200_000

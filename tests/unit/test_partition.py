@@ -3,8 +3,8 @@
 import pytest
 
 from mptk.config.load import compose
-from mptk.models import partition
-from mptk.plan.memory import numel, shape_of, stage_tensors
+from mptk.plan import partition
+from mptk.plan.cost import numel, shape_of, stage_tensors
 
 
 def model(*overrides):

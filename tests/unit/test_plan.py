@@ -9,9 +9,10 @@ from collections import Counter
 import pytest
 import torch
 
+from mptk.cli import plan_report as report
 from mptk.config.load import compose
-from mptk.plan import Choice, choice_of, plan, predict_fits
-from mptk.plan import measure, memory, perf
+from mptk.launch import measure
+from mptk.plan import Choice, choice_of, cost, memory, perf, plan, predict_fits
 from mptk.plan import search as s
 from mptk.plan.hardware import GPUS, Cluster, from_device_name, gpu
 
@@ -48,18 +49,18 @@ def test_fp32_bytes_per_param():
 def test_korthikanti_table2():
     s_, b, h, a, t = 2048, 1, 12288, 96, 8
     sbh = s_ * b * h
-    assert memory.korthikanti(s_, b, h, a) == sbh * (34 + 5 * a * s_ / h)
-    assert memory.korthikanti(s_, b, h, a, t) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s_ / (h * t)))
-    assert memory.korthikanti(s_, b, h, a, t, sp=True) == pytest.approx(sbh / t * (34 + 5 * a * s_ / h))
-    assert memory.korthikanti(s_, b, h, a, t, True, "selective") == pytest.approx(34 * sbh / t)
-    assert memory.korthikanti(s_, b, h, a, t, True, "full") == 2 * sbh / t
+    assert cost.korthikanti(s_, b, h, a) == sbh * (34 + 5 * a * s_ / h)
+    assert cost.korthikanti(s_, b, h, a, t) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s_ / (h * t)))
+    assert cost.korthikanti(s_, b, h, a, t, sp=True) == pytest.approx(sbh / t * (34 + 5 * a * s_ / h))
+    assert cost.korthikanti(s_, b, h, a, t, True, "selective") == pytest.approx(34 * sbh / t)
+    assert cost.korthikanti(s_, b, h, a, t, True, "full") == 2 * sbh / t
 
 
 def test_korthikanti_5x_for_530b():
     """Paper's headline: sequence parallel + selective recompute cut activations ~5x (530B,
     s 2048, h 20480, a 128, t 8) against tensor parallelism alone."""
-    tp_only = memory.korthikanti(2048, 1, 20480, 128, 8)
-    both = memory.korthikanti(2048, 1, 20480, 128, 8, True, "selective")
+    tp_only = cost.korthikanti(2048, 1, 20480, 128, 8)
+    both = cost.korthikanti(2048, 1, 20480, 128, 8, True, "selective")
     assert 4.8 < tp_only / both < 5.1
 
 
@@ -80,10 +81,10 @@ def test_megatron_bubble_formulas():
 
 
 def test_megatron_flops_formula():
-    sh = memory.Shape("gpt", layers=96, hidden=12288, heads=96, kv_heads=96, ffn=4 * 12288,
+    sh = cost.Shape("gpt", layers=96, hidden=12288, heads=96, kv_heads=96, ffn=4 * 12288,
                       seq=2048, vocab=51200)
     B, s_, l, h, V = 1536, 2048, 96, 12288, 51200
-    assert perf.model_flops(sh, B) == pytest.approx(perf.megatron_flops(B, s_, l, h, V), rel=1e-12)
+    assert perf.model_flops(sh, B) == pytest.approx(cost.megatron_flops(B, s_, l, h, V), rel=1e-12)
     full = 96 * B * s_ * l * h * h * (1 + s_ / (6 * h) + V / (16 * l * h))  # Narayanan et al. 2021
     assert perf.hardware_flops(sh, B, "full") == pytest.approx(full, rel=1e-12)
 
@@ -101,21 +102,21 @@ def test_megatron_flops_formula():
 ])
 def test_param_counts_equal_megatron(overrides, count):
     """Counts measured on megatron-core 0.16.1 models built by the recipes (sum of numel)."""
-    assert memory.total_params(memory.shape_of(compose(overrides).model)) == count
+    assert cost.total_params(cost.shape_of(compose(overrides).model)) == count
 
 
 def test_tp_ranks_split_matrices():
-    sh = memory.shape_of(compose(["model=gpt_tiny"]).model)
-    one, two = (memory.numel(memory.stage_tensors(sh, t, sh.layers, True, True)) for t in (1, 2))
+    sh = cost.shape_of(compose(["model=gpt_tiny"]).model)
+    one, two = (cost.numel(cost.stage_tensors(sh, t, sh.layers, True, True)) for t in (1, 2))
     assert two < one < 2 * two  # replicated norms, biases and positions
 
 
 def test_odd_model_exercises_padding():
     """The dist test's model: DeepSpeed's alignment padding is non-zero at dp 4."""
-    sh = memory.Shape("gpt", layers=2, hidden=60, heads=4, kv_heads=4, ffn=240, seq=31, vocab=514)
-    t, tr = memory.stage_tensors(sh, 2, 2, True, True), memory.Training(w=4)
-    assert memory.model_states(t, 4, 1, tr).params > 4 * memory.numel(t)
-    assert memory.model_states(t, 4, 3, tr).params > 4 * memory.numel(t) / 4
+    sh = cost.Shape("gpt", layers=2, hidden=60, heads=4, kv_heads=4, ffn=240, seq=31, vocab=514)
+    t, tr = cost.stage_tensors(sh, 2, 2, True, True), memory.Training(w=4)
+    assert memory.model_states(t, 4, 1, tr).params > 4 * cost.numel(t)
+    assert memory.model_states(t, 4, 3, tr).params > 4 * cost.numel(t) / 4
 
 
 # --------------------------------------------------------------------------- plans
@@ -177,7 +178,7 @@ def test_search_ranks_by_tokens_per_s(found):
 def test_top_layouts_pass_the_preflight(big, found):
     """Whatever the planner offers, the training preflight accepts (same world)."""
     for p in found.ranked[:10]:
-        assert s.explain(big, p.choice, 512) == [], p.choice
+        assert report.explain(big, p.choice, 512) == [], p.choice
 
 
 def test_overrides_select_the_layout(big, found):
@@ -190,7 +191,7 @@ def test_overrides_select_the_layout(big, found):
 def test_why_quotes_the_preflight():
     cfg = compose(["model=gpt_small", "train.global_batch_size=96", "train.micro_batch_size=1"])
     result = s.search(cfg, Cluster(1, 8, gpu("a100")))
-    rows = {reason: lines for reason, _, _, lines in s.why(cfg, result, 8)}
+    rows = {reason: lines for reason, _, _, lines in report.why(cfg, result, 8)}
     assert any("model.num_attention_heads(12)" in line
                for line in rows["tp does not divide the attention heads"])
 

@@ -16,8 +16,9 @@ padding included):
 - optim: every tensor in the torch optimizer's ``state`` (moments, ``step`` scalars).
 
 DeepSpeed's transient buffers (gradient buckets, ZeRO-2's ``grads_in_partition`` staging) are
-not model states and are not counted here. Only pp=1 layouts and the GPT/ViT recipes. Runs where training would (CPU
-with gloo, or the GPU with NCCL: ``train.device``).
+not model states and are not counted here. Only pp=1 layouts and the GPT/ViT recipes. Runs
+where training would (CPU with gloo, or the GPU with NCCL: ``train.device``), each rank a
+process of :func:`mptk.launch.runner.run`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,13 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import multiprocessing as mp
-import pickle
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from mptk.plan.memory import model_states, shape_of, stage_tensors, training_of
+from mptk.launch import runner
+from mptk.plan.cost import shape_of, stage_tensors
+from mptk.plan.memory import model_states, training_of
 
 STAGES = (0, 1, 2, 3)
 
@@ -110,6 +109,7 @@ class Probe:
         return self._reduce(*args, **kwargs)
 
     def remove(self) -> None:
+        """Put the optimizer's own methods back."""
         self.inner.step = self._step
         if self._reduce is not None:
             self.engine.optimizer.reduce_gradients = self._reduce
@@ -220,8 +220,8 @@ def row(cfg, layout, stage: int, pred: dict, meas: dict) -> dict:
 
 
 def measure_rank(env, cfg, stages=STAGES, steps: int = 1) -> list[dict]:
-    """Entry of one rank (also the target for ``tests/spawn/harness.run_world``): groups once,
-    then an engine per ZeRO stage, one after the other."""
+    """Entry of one rank (the target of :func:`run`, and of ``tests/spawn/harness.run_world``):
+    groups once, then an engine per ZeRO stage, one after the other."""
     from mptk.train.preflight import preflight
     from mptk.parallel import groups
     from mptk.log.noise import quiet
@@ -235,37 +235,11 @@ def measure_rank(env, cfg, stages=STAGES, steps: int = 1) -> list[dict]:
     return [measure_stage(cfg, layout, stage, steps, device, backend) for stage in stages]
 
 
-def _child(cfg, env, stages, steps, out: Path) -> None:
-    import os
-    import traceback
-
-    from mptk.parallel import groups
-
-    try:
-        rows = measure_rank(env, cfg, stages, steps)
-        (out / f"rank{env.rank}.pkl").write_bytes(pickle.dumps(rows))
-    except BaseException:
-        (out / f"rank{env.rank}.err").write_text(traceback.format_exc())
-        os._exit(1)
-    groups.finish(0)
-
-
 def run(cfg, world: int, stages=STAGES, steps: int = 1) -> list[dict]:
-    """Spawn ``world`` local CPU ranks, measure every stage, return all ranks' rows."""
-    from mptk.parallel.env import DistEnv
-    from mptk.launch.local import free_port, wait
-
-    out, port, ctx = Path(tempfile.mkdtemp(prefix="mptk-plan-")), free_port(), mp.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(cfg, DistEnv(
-        rank=r, local_rank=r, world_size=world, master_addr="127.0.0.1", master_port=port,
-        launcher="spawn"), tuple(stages), steps, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    code = wait(procs)
-    errors = [f.read_text() for f in sorted(out.glob("*.err"))]
-    if code or errors:
-        raise RuntimeError("measurement failed:\n" + "\n".join(errors))
-    return [r for k in range(world) for r in pickle.loads((out / f"rank{k}.pkl").read_bytes())]
+    """Spawn ``world`` local ranks, measure every stage, return all ranks' rows (a failing
+    rank raises :class:`mptk.launch.runner.RankError`)."""
+    per_rank = runner.run(measure_rank, world, cfg, tuple(stages), steps)
+    return [r for rows in per_rank for r in rows]
 
 
 def write_rows(rows: list[dict], path: str) -> None:

@@ -1,10 +1,10 @@
 """Pipeline stage balance: how many transformer layers each (virtual) stage holds.
 
-Pure functions. ``auto`` balances a cost model (forward FLOPs) in which the first stage also
-pays for the embedding and the last one for the output layer and the loss, so neither becomes
-the bottleneck; an explicit list is validated. :func:`describe` prints each stage's parameters,
-FLOPs and activation memory (Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per layer at
-16-bit activations, divided by tp).
+Pure functions. ``auto`` balances the cost model's forward FLOPs (:func:`mptk.plan.cost.stage_flops`),
+in which the first stage also pays for the embedding and the last one for the output layer and
+the loss, so neither becomes the bottleneck; an explicit list is validated. :func:`describe`
+prints each stage's parameters, FLOPs and activation memory (Korthikanti et al. 2022:
+s*b*h*(34 + 5*a*s/h) bytes per layer at 16-bit activations, divided by tp).
 """
 
 from __future__ import annotations
@@ -12,27 +12,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from mptk.config.schema import ModelConfig
-from mptk.plan import perf
-from mptk.plan.memory import Shape, korthikanti, numel, shape_of, stage_tensors
+from mptk.plan.cost import (
+    Shape,
+    embedding_flops,
+    head_flops,
+    korthikanti,
+    layer_flops,
+    numel,
+    shape_of,
+    stage_flops,
+    stage_tensors,
+)
 
 
 class PartitionError(ValueError):
     """A stage list that cannot work, explained on one line."""
-
-
-def layer_flops(m: Shape) -> float:
-    """Forward FLOPs of one layer for one sample (matmuls + attention core)."""
-    return sum(perf._layer_forward(m))
-
-
-def head_flops(m: Shape) -> float:
-    """Output layer + softmax cross-entropy, one sample."""
-    return perf._head_flops(m) + 5 * m.seq * m.vocab
-
-
-def embedding_flops(m: Shape) -> float:
-    """Lookup, position add and the scatter-add of its gradient, one sample (small)."""
-    return 4 * m.seq * m.hidden
 
 
 def balanced(m: Shape, stages: int) -> list[int]:
@@ -52,7 +46,15 @@ def balanced(m: Shape, stages: int) -> list[int]:
 
 
 def _spread(counts: list[int]) -> int:
+    """Tie-break between equally expensive splits: the most even one."""
     return max(counts) - min(counts)
+
+
+def even_split(layers: int, stages: int) -> list[int]:
+    """Layers per virtual stage, as even as possible (earlier stages get the remainder): what
+    the search assumes, since balancing every candidate would cost more than it tells."""
+    base, extra = divmod(layers, stages)
+    return [base + (i < extra) for i in range(stages)]
 
 
 def stage_layers(model: ModelConfig, pp: int, vpp: Optional[int], spec: Any) -> list[int]:
@@ -97,7 +99,7 @@ def describe(model: ModelConfig, pp: int, vpp: Optional[int], spec: Any, micro_b
     rows = []
     for index, n in enumerate(counts):
         rank, first, last = index % pp, index == 0, index == len(counts) - 1
-        flops = n * layer_flops(m) + first * embedding_flops(m) + last * head_flops(m)
+        flops = stage_flops(m, n, first, last)
         act = n * korthikanti(m.seq, micro_batch, m.hidden, m.heads, tp)
         rows.append({"stage": index, "rank": rank, "chunk": index // pp, "layers": n,
                      "params": numel(stage_tensors(m, tp, n, first, last, pp)),
@@ -107,6 +109,7 @@ def describe(model: ModelConfig, pp: int, vpp: Optional[int], spec: Any, micro_b
 
 
 def format_rows(rows: list[dict]) -> str:
+    """:func:`describe`'s rows as a fixed-width table."""
     head = "stage rank chunk layers      params  GFLOP/sample  activations(MiB)"
     lines = [f"{r['stage']:>5} {r['rank']:>4} {r['chunk']:>5} {r['layers']:>6} "
              f"{r['params']:>11,} {r['gflops_per_sample']:>13.3f} {r['act_mb']:>17.1f}"

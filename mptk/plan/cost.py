@@ -1,0 +1,216 @@
+"""The cost model of one model: parameters per rank, FLOPs, activation bytes.
+
+One module serves the planner (:mod:`mptk.plan.memory`, :mod:`mptk.plan.perf`), pipeline stage
+balancing (:mod:`mptk.plan.partition`) and the FLOP/s a run logs (:mod:`mptk.log.flops`), so the
+three never disagree. It reads a :class:`~mptk.config.shape.Shape`, which each recipe states
+(``Recipe.shape``): nothing here knows a recipe by name, only the kinds of ends
+(:class:`Embedding`, :class:`Head`).
+
+Parameters are counted tensor by tensor as megatron-core's local spec builds them; FLOPs follow
+Megatron's formula written per layer (so it holds for SwiGLU and GQA too); activations follow
+Korthikanti et al. 2022, Table 2.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mptk.config import registry
+from mptk.config.schema import ModelConfig
+from mptk.config.shape import Embedding, Head, Shape
+
+__all__ = [
+    "Embedding", "Head", "Shape", "Tensors", "embedding_flops", "hardware_flops", "head_bytes",
+    "head_flops", "korthikanti", "largest_layer", "layer_activations", "layer_flops",
+    "layer_forward", "layer_matmul_params", "layer_tensors", "logits", "loss_flops",
+    "megatron_flops", "model_flops", "numel", "output_flops", "param_groups", "shape_of",
+    "stage_flops", "stage_tensors", "tensor_count", "total_params",
+]
+
+
+def shape_of(model: ModelConfig) -> Shape:
+    """The :class:`Shape` the model's recipe states for this config."""
+    return registry.get(model.recipe).shape(model)
+
+
+# --------------------------------------------------------------------------- parameters
+
+Tensors = Counter
+"""``{(numel, is_matrix): count}``: the parameter tensors one rank holds (mptk puts
+matrices in the weight-decay group and vectors in the other, :func:`param_groups`)."""
+
+
+def _norm(s: Shape) -> list[tuple[int, bool]]:
+    return [(s.hidden, False)] if s.rms else [(s.hidden, False), (s.hidden, False)]
+
+
+def layer_tensors(s: Shape, tp: int) -> list[tuple[int, bool]]:
+    """One megatron transformer layer (local spec, biases on) on one tp rank."""
+    h, d = s.hidden, s.hidden // s.heads
+    qkv = (s.heads + 2 * s.kv_heads) * d // tp
+    fc1 = s.ffn * (2 if s.gated else 1) // tp
+    return [*_norm(s), (qkv * h, True), (qkv, False), (h * h // tp, True), (h, False),
+            *_norm(s), (fc1 * h, True), (fc1, False), (h * s.ffn // tp, True), (h, False)]
+
+
+def _embedding_tensors(s: Shape, tp: int) -> list[tuple[int, bool]]:
+    """The first stage's tensors before the layers."""
+    positions = [(s.seq * s.hidden, True)] if s.learned_pos else []
+    if s.embedding is Embedding.tokens:
+        return [(s.vocab // tp * s.hidden, True), *positions]
+    if s.embedding is Embedding.patches:  # conv1 (no bias), positions, class token [1,1,h], ln_pre
+        return [(s.hidden * s.patch_inputs, True), *positions, (s.hidden, True), *_norm(s)]
+    return []
+
+
+def _head_tensors(s: Shape, tp: int, first: bool, pp: int) -> list[tuple[int, bool]]:
+    """The last stage's tensors after the layers."""
+    if s.head is Head.lm:
+        # tied at pp>1: the last stage keeps its own copy of the table (synced by training)
+        own = not s.tied or (pp > 1 and not first)
+        return [*_norm(s)] + ([(s.vocab // tp * s.hidden, True)] if own else [])
+    if s.head is Head.classes:
+        return [*_norm(s), (s.classes * s.hidden, True), (s.classes, False)]
+    return []
+
+
+def stage_tensors(s: Shape, tp: int, layers: int, first: bool, last: bool, pp: int = 1) -> Tensors:
+    """Parameter tensors of one rank holding ``layers`` layers (and the ends it owns)."""
+    counts = Counter((_embedding_tensors(s, tp) if first else [])
+                     + (_head_tensors(s, tp, first, pp) if last else []))
+    for key, n in Counter(layer_tensors(s, tp)).items():
+        counts[key] += n * layers
+    return counts
+
+
+def total_params(s: Shape) -> int:
+    """Parameters of the whole model (tp=1, pp=1)."""
+    return numel(stage_tensors(s, 1, s.layers, True, True))
+
+
+def numel(t: Tensors) -> int:
+    """Elements of all tensors in ``t``."""
+    return sum(n * c for (n, _), c in t.items())
+
+
+def param_groups(t: Tensors) -> list[int]:
+    """Elements in mptk's two optimizer groups (decay: matrices; no decay: vectors)."""
+    groups = [sum(n * c for (n, m), c in t.items() if m), sum(n * c for (n, m), c in t.items() if not m)]
+    return [g for g in groups if g]
+
+
+def tensor_count(t: Tensors) -> int:
+    """Number of tensors in ``t`` (AdamW keeps a ``step`` per tensor at ZeRO-0)."""
+    return sum(t.values())
+
+
+def largest_layer(s: Shape, tp: int) -> int:
+    """Elements of one layer on one tp rank (what ZeRO-3 gathers at a time)."""
+    return sum(n for n, _ in layer_tensors(s, tp))
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def megatron_flops(batch: int, s: int, l: int, h: int, v: int) -> float:  # noqa: E741 (the paper's symbols)
+    """Model FLOPs per step (Korthikanti et al. 2022): 72 B s l h^2 (1 + s/(6h) + V/(12 l h))."""
+    return 72 * batch * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
+
+
+def layer_matmul_params(s: Shape) -> int:
+    """Matrix elements of one layer (tp=1): qkv, projection, MLP."""
+    return sum(n for n, matrix in layer_tensors(s, 1) if matrix)
+
+
+def layer_forward(s: Shape) -> tuple[float, float]:
+    """(matmul, attention-core) forward FLOPs of one layer for one sample."""
+    return 2 * s.seq * layer_matmul_params(s), 4 * s.seq * s.seq * s.hidden
+
+
+def layer_flops(s: Shape) -> float:
+    """Forward FLOPs of one layer for one sample (matmuls + attention core)."""
+    return sum(layer_forward(s))
+
+
+def logits(s: Shape) -> tuple[int, int]:
+    """(positions, outputs) of the head's logits per sample: the LM head scores the vocabulary
+    at every position, a class head its classes on the class token."""
+    if s.head is Head.lm:
+        return s.seq, s.vocab
+    if s.head is Head.classes:
+        return 1, s.classes
+    return 0, 0
+
+
+def output_flops(s: Shape) -> float:
+    """Forward FLOPs of the output layer per sample (the logits' matmul)."""
+    positions, outputs = logits(s)
+    return 2 * positions * s.hidden * outputs
+
+
+def loss_flops(s: Shape) -> float:
+    """Softmax cross-entropy over the logits, one sample (about 5 operations per logit)."""
+    positions, outputs = logits(s)
+    return 5 * positions * outputs
+
+
+def head_flops(s: Shape) -> float:
+    """What the last stage runs after its layers, one sample: output layer + loss."""
+    return output_flops(s) + loss_flops(s)
+
+
+def embedding_flops(s: Shape) -> float:
+    """Lookup, position add and the scatter-add of its gradient, one sample (small)."""
+    return 0.0 if s.embedding is Embedding.none else 4 * s.seq * s.hidden
+
+
+def stage_flops(s: Shape, layers: int, first: bool, last: bool) -> float:
+    """Forward FLOPs per sample of a stage holding ``layers`` layers and the ends it owns
+    (the cost :mod:`mptk.plan.partition` balances)."""
+    return layers * layer_flops(s) + first * embedding_flops(s) + last * head_flops(s)
+
+
+def model_flops(s: Shape, batch: int) -> float:
+    """Forward + backward FLOPs per step without recomputation: Megatron's formula, written
+    per layer so it also holds for gated MLPs and grouped-query attention."""
+    matmul, core = layer_forward(s)
+    return 3 * batch * (s.layers * (matmul + core) + output_flops(s))
+
+
+def hardware_flops(s: Shape, batch: int, recompute: str) -> float:
+    """FLOPs actually executed: full recompute repeats each layer's forward, selective the
+    attention core."""
+    matmul, core = layer_forward(s)
+    extra = {"full": matmul + core, "selective": core}.get(recompute, 0.0)
+    return model_flops(s, batch) + batch * s.layers * extra
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def korthikanti(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                recompute: str = "none") -> float:
+    """Activation bytes of one transformer layer, 16-bit activations (Korthikanti et al.
+    2022, Table 2): sbh(34 + 5as/h) unparallelised; tp t: sbh(10 + 24/t + 5as/(ht));
+    with sequence parallel sbh/t (34 + 5as/h); selective recompute drops the 5as/h term;
+    full recompute keeps only the layer input, 2sbh (/t with sequence parallel)."""
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh / (t if sp else 1)
+    attn = 0.0 if recompute == "selective" else 5 * a * s / h
+    if sp:
+        return sbh / t * (34 + attn)
+    return sbh * (10 + 24 / t + attn / t)
+
+
+def layer_activations(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int) -> float:
+    """Korthikanti's per-layer bytes for this model: SDPA keeps no score matrix (as selective
+    recompute), fp32 activations double the 2-byte terms (approximation: masks stay 1 byte)."""
+    mode = "selective" if s.flash and recompute == "none" else recompute
+    return korthikanti(s.seq, micro, s.hidden, s.heads, tp, sp, mode) * (w / 2)
+
+
+def head_bytes(s: Shape, micro: int, tp: int) -> float:
+    """Last stage: fp32 logits and their softmax for the loss, 4 bytes each per logit / tp."""
+    positions, outputs = logits(s)
+    return 2 * 4 * positions * micro * outputs / tp

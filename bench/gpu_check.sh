@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# mptk #10, the GPU measurement in one prepared script (see docs/performance.md).
+# The GPU measurement in one prepared script (see docs/performance.md).
 #
 #   bash bench/gpu_check.sh wheels [DIR]   # HERE (network): fetch/build the wheels into DIR (.whl)
 #   bash bench/gpu_check.sh                # THERE (device machine, no network): install them

@@ -2,12 +2,40 @@
 (:mod:`~mptk.checkpoint.state`), writing one (:mod:`~mptk.checkpoint.writer`) and where a run
 starts (:mod:`~mptk.checkpoint.resume`). The names below are the package's public API."""
 
-from mptk.checkpoint.format import (CONFIG, DEEPSPEED_TAG, LATEST, MANIFEST, META, RNG, WEIGHTS,
-                                    CheckpointError, candidates, checkpoints_dir, describe,
-                                    layout_record, listing, meta_record, prune, publish,
-                                    read_json, read_latest, resolve, step_name, step_of, verify)
-from mptk.checkpoint.resume import (RESUME_KEYS, Decision, Plan, decide, layout_problem,
-                                    prepare, restore, startup_problems)
+from mptk.checkpoint.format import (
+                                    CONFIG,
+                                    DEEPSPEED_TAG,
+                                    LATEST,
+                                    MANIFEST,
+                                    META,
+                                    RNG,
+                                    WEIGHTS,
+                                    CheckpointError,
+                                    candidates,
+                                    checkpoints_dir,
+                                    describe,
+                                    layout_record,
+                                    listing,
+                                    meta_record,
+                                    prune,
+                                    publish,
+                                    read_json,
+                                    read_latest,
+                                    resolve,
+                                    step_name,
+                                    step_of,
+                                    verify,
+)
+from mptk.checkpoint.resume import (
+                                    RESUME_KEYS,
+                                    Decision,
+                                    Plan,
+                                    decide,
+                                    layout_problem,
+                                    prepare,
+                                    restore,
+                                    startup_problems,
+)
 from mptk.checkpoint.state import chunks_of, load_weights, rng_state, set_rng_state
 from mptk.checkpoint.writer import due, save
 

@@ -13,9 +13,10 @@ Rules: ``docs/checkpoints.md`` (Resume).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 

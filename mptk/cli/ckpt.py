@@ -123,9 +123,9 @@ def typed_config(saved: dict):
     """The saved config.json as a typed RunConfig (the recipe's model schema)."""
     from omegaconf import OmegaConf
 
+    from mptk.config import registry
     from mptk.config.load import to_run_config
     from mptk.config.schema import RunConfig
-    from mptk.config import registry
 
     node = OmegaConf.structured(RunConfig)
     node.model = OmegaConf.structured(registry.get(saved["model"]["recipe"]).config)
@@ -136,9 +136,9 @@ def single_process_world(seed: int) -> None:
     """A one-rank gloo world with tp=1 pp=1 on the CPU."""
     import torch
 
+    from mptk.launch.local import free_port
     from mptk.parallel import groups
     from mptk.parallel.env import DistEnv
-    from mptk.launch.local import free_port
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
                   master_port=free_port(), launcher="spawn")
@@ -149,8 +149,8 @@ def full_model(cfg):
     """The whole model (tp=1 pp=1) on the CPU, built by the recipe."""
     import torch
 
-    from mptk.parallel.layout import Layout
     from mptk.config import registry
+    from mptk.parallel.layout import Layout
     from mptk.train.loop import build_model
 
     layout = Layout(tp=1, pp=1, dp=1, grad_acc=1, world=1)

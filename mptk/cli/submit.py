@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 from mptk.config.load import ConfigError, compose, compose_cfg
-from mptk.train.preflight import PreflightError, preflight, slurm_world
 from mptk.config.schema import RunConfig
-from mptk.launch import slurm
 from mptk.exitcodes import CONFIG_ERROR
+from mptk.launch import slurm
 from mptk.log.noise import quiet
+from mptk.train.preflight import PreflightError, preflight, slurm_world
 
 SCRIPT_NAME = "job.sbatch"
 

@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 from mptk.config.load import ConfigError, compose, compose_cfg, conf_dir, to_run_config
 from mptk.config.schema import RunConfig
 from mptk.config.store import register_schemas
-from mptk.train.preflight import PreflightError, startup
-from mptk.parallel.env import detect
 from mptk.log.noise import quiet
+from mptk.parallel.env import detect
+from mptk.train.preflight import PreflightError, startup
 
 
 def checked(dcfg: DictConfig) -> tuple[RunConfig, int]:

@@ -24,9 +24,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch.overrides import TorchFunctionMode
-
 from megatron.core.tensor_parallel import random as mrandom
+from torch.overrides import TorchFunctionMode
 
 
 @dataclass(frozen=True, slots=True)

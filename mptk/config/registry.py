@@ -13,9 +13,10 @@ import importlib.util
 import os
 import pkgutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -52,6 +53,9 @@ class Recipe:
     """``shape(model_cfg) -> Shape``: dimensions and ends (embedding, head) for the cost model
     (:mod:`mptk.plan.cost`: planner, pipeline stage balance, FLOP/s). The default counts the
     transformer layers of the model config alone, with no embedding or head."""
+    example_batch: Optional[Callable[..., dict[str, Any]]] = None
+    """``example_batch(model_cfg, micro_batch_size, generator) -> batch``: a random micro-batch
+    of the recipe's inputs for calibration runs without data files (``mptk-plan --measure``)."""
 
 
 _RECIPES: dict[str, Recipe] = {}

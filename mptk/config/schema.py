@@ -184,7 +184,7 @@ class OptimConfig:
     """Decay after warm-up, down to ``min_lr`` at ``train.steps``."""
     foreach: Optional[bool] = None
     """torch's multi-tensor (``foreach``) optimizer kernels; ``None`` = torch's default (on for
-    CUDA tensors, off on the CPU). Same numbers as the per-parameter loop (mptk #10)."""
+    CUDA tensors, off on the CPU). Same numbers as the per-parameter loop."""
     fused: Optional[bool] = None
     """torch's fused AdamW/SGD kernel (one launch for all parameters, CUDA and CPU); ``None`` =
     torch's default (off). DeepSpeed takes it as a plain torch optimizer: no JIT build."""
@@ -249,12 +249,12 @@ class TrainConfig:
     """Path of a checkpoint whose weights start this run (any tp/pp layout; fresh optimizer,
     step 0), e.g. for fine-tuning; ignored once this run dir has its own checkpoints."""
     compile: bool = False
-    """``torch.compile`` each megatron transformer layer in place (mptk #10; parameter names
+    """``torch.compile`` each megatron transformer layer in place (parameter names
     and checkpoints unchanged; one graph shared by all layers). The first step pays the
     compilation; under ZeRO-3 the parameter hooks split the graph. On the CPU inductor needs a
     C++ compiler."""
     compile_loss: bool = False
-    """``torch.compile`` a GPT's cross-entropy over the logits too (mptk #10). Same losses; on
+    """``torch.compile`` a GPT's cross-entropy over the logits too. Same losses; on
     the CPU it was slower and took more memory than eager, on a GPU it is unmeasured."""
 
 
@@ -370,7 +370,7 @@ class ClusterConfig:
 
 
 class NanPolicy(Enum):
-    """What a rank does when the loss or the gradient norm is NaN or infinite (mptk #7)."""
+    """What a rank does when the loss or the gradient norm is NaN or infinite."""
 
     stop = "stop"
     """Log the rank and step, then exit non-zero (every rank sees the same dp-averaged loss)."""
@@ -380,7 +380,7 @@ class NanPolicy(Enum):
 
 @dataclass(kw_only=True, slots=True)
 class DebugConfig:
-    """Run-time health checks (mptk #7; see docs/observability.md)."""
+    """Run-time health checks (see docs/observability.md)."""
 
     nan_policy: NanPolicy = NanPolicy.stop
     """Reaction to a non-finite loss or gradient norm, checked every step."""
@@ -394,7 +394,7 @@ class DebugConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ProfileConfig:
-    """A torch.profiler window (mptk #7): one Chrome trace per rank in ``run_dir/profile/``."""
+    """A torch.profiler window: one Chrome trace per rank in ``run_dir/profile/``."""
 
     start_step: int = -1
     """First profiled optimizer step (0-based); negative = profiling off."""
@@ -421,6 +421,6 @@ class RunConfig:
     run_dir: str = "."
     """Where this run writes; set by the CLI from Hydra's run dir."""
     debug: DebugConfig = field(default_factory=DebugConfig)
-    """NaN/Inf policy and hang watchdog (mptk #7)."""
+    """NaN/Inf policy and hang watchdog."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    """torch.profiler window (mptk #7)."""
+    """torch.profiler window."""

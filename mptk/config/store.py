@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from mptk.config import schema
-from mptk.config import registry
+from mptk.config import registry, schema
 
 GROUPS: dict[str, type] = {
     "parallel": schema.ParallelConfig,

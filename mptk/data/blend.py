@@ -293,8 +293,7 @@ def _files(folder: Path) -> int:
 
 def build(config, sizes: list[int], log=print) -> list:
     """The train / valid / test datasets (None where the split is empty), cached."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder)
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
     cache, start = Path(config.path_to_cache), time.perf_counter()

@@ -9,10 +9,10 @@ dp rank, dp size), and :class:`ImageData` is what a recipe hands the training lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: np.ndarray) -> "ImageSet":
+    def subset(self, indices: np.ndarray) -> ImageSet:
         """The images at ``indices`` (re-numbered from 0)."""
         indices = np.asarray(indices, dtype=np.int64)
         return ImageSet(labels=self.labels[indices], classes=self.classes,
@@ -194,7 +194,7 @@ class ImageData:
 
     @classmethod
     def prepare(cls, cfg: RunConfig, layout, size: int, channels: int,
-                num_classes: int, log=print) -> "ImageData":
+                num_classes: int, log=print) -> ImageData:
         """Load the configured images, split them and bind to this rank's dp place."""
         images = load(cfg.data, size, channels)
         check_classes(images, num_classes)

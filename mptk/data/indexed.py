@@ -86,7 +86,7 @@ class IndexedData:
 
     @classmethod
     def prepare(cls, cfg: RunConfig, layout, vocab_size: int, log=print,
-                dp_rank: Optional[int] = None) -> "IndexedData":
+                dp_rank: Optional[int] = None) -> IndexedData:
         """Build (once, cached) the splits; bind to this rank's dp place."""
         place = Place.of(cfg, layout, dp_rank)
         train, valid, test = datasets(cfg, layout.dp, vocab_size, log)

@@ -36,7 +36,7 @@ class Place:
     """Held-out micro-batches per rank per evaluation (``train.eval_batches``)."""
 
     @classmethod
-    def of(cls, cfg, layout, dp_rank: Optional[int] = None) -> "Place":
+    def of(cls, cfg, layout, dp_rank: Optional[int] = None) -> Place:
         """This rank's place for ``cfg.train`` and ``layout`` (dp rank from the groups)."""
         if dp_rank is None:
             from mptk.parallel import groups

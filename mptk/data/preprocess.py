@@ -16,9 +16,10 @@ import json
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -194,8 +195,7 @@ def token_dtype(vocab_size: int) -> type:
 
 def _progress(enabled: bool):
     """A rich progress bar over input bytes (a no-op when disabled)."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     columns = (TextColumn("[bold]tokenizing"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[docs]}"))

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from mptk.parallel.layout import Layout
 from mptk.config.schema import DType, LRSchedule, OptimizerName, RunConfig
+from mptk.parallel.layout import Layout
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -75,7 +75,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """A torch optimizer handed to DeepSpeed (no fused/CPU-Adam JIT build); ``optim.foreach``
-    and ``optim.fused`` pick torch's multi-tensor or fused kernels (mptk #10)."""
+    and ``optim.fused`` pick torch's multi-tensor or fused kernels."""
     opt, groups = cfg.optim, param_groups(model, cfg.optim.weight_decay)
     kernels = {"foreach": opt.foreach, "fused": opt.fused}
     if opt.name is OptimizerName.sgd:

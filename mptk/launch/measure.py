@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from mptk.config import registry
 from mptk.launch import runner
 from mptk.plan.cost import shape_of, stage_tensors
 from mptk.plan.memory import model_states, training_of
@@ -154,13 +155,12 @@ def held(probe: Probe, stage: int) -> dict[str, float]:
 
 
 def synthetic_batch(cfg, generator: torch.Generator) -> dict:
-    """A random micro-batch of the recipe's shape (no data files needed)."""
-    m, b = cfg.model, cfg.train.micro_batch_size
-    if m.recipe == "vit":
-        images = torch.rand(b, m.channels, m.image_size, m.image_size, generator=generator)
-        return {"images": images, "labels": torch.randint(0, m.num_classes, (b,), generator=generator)}
-    tokens = torch.randint(0, m.vocab_size, (b, m.seq_length + 1), generator=generator)
-    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
+    """A random micro-batch of the recipe's inputs (no data files needed)."""
+    recipe = registry.get(cfg.model.recipe)
+    if recipe.example_batch is None:
+        raise ValueError(f"model.recipe={recipe.name!r} gives no example_batch; mptk-plan --measure "
+                         f"needs one (add example_batch= to the recipe)")
+    return recipe.example_batch(cfg.model, cfg.train.micro_batch_size, generator)
 
 
 def _train(engine, recipe, cfg, probe: Probe, grad_acc: int, steps: int, device) -> None:
@@ -175,11 +175,13 @@ def _train(engine, recipe, cfg, probe: Probe, grad_acc: int, steps: int, device)
             engine.step()
 
 
-def measure_stage(cfg, layout, stage: int, steps: int = 1, device=torch.device("cpu"),
+def measure_stage(cfg, layout, stage: int, steps: int = 1, device: torch.device | None = None,
                   backend: str = "gloo") -> dict:
-    """One engine at ZeRO ``stage`` on this rank: predicted and measured bytes."""
-    from mptk.engine import deepspeed as ds
+    """One engine at ZeRO ``stage`` on this rank (on ``device``, the CPU by default):
+    predicted and measured bytes."""
+    device = device if device is not None else torch.device("cpu")
     from mptk.config import registry
+    from mptk.engine import deepspeed as ds
     from mptk.train.loop import build_model
 
     start = time.perf_counter()
@@ -222,9 +224,9 @@ def row(cfg, layout, stage: int, pred: dict, meas: dict) -> dict:
 def measure_rank(env, cfg, stages=STAGES, steps: int = 1) -> list[dict]:
     """Entry of one rank (the target of :func:`run`, and of ``tests/spawn/harness.run_world``):
     groups once, then an engine per ZeRO stage, one after the other."""
-    from mptk.train.preflight import preflight
-    from mptk.parallel import groups
     from mptk.log.noise import quiet
+    from mptk.parallel import groups
+    from mptk.train.preflight import preflight
 
     quiet()
     layout = preflight(cfg, env.world_size, torch.cuda.is_available())

@@ -1,4 +1,4 @@
-"""Model TFLOP/s per device and MFU (mptk #7), with Megatron's model-FLOPs formula.
+"""Model TFLOP/s per device and MFU, with Megatron's model-FLOPs formula.
 
 Model FLOPs count forward + backward without recomputation (Narayanan et al. 2021,
 Korthikanti et al. 2022: ``72 B s l h^2 (1 + s/(6h) + V/(12 l h))`` for a GPT), written per

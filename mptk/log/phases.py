@@ -1,4 +1,4 @@
-"""Per-phase step timers (mptk #7): where each rank spends a step, and which rank is slowest.
+"""Per-phase step timers: where each rank spends a step, and which rank is slowest.
 
 Phases (seconds per step, averaged over a log window):
 
@@ -43,7 +43,7 @@ def phase_of(megatron_name: str) -> Optional[str]:
 class _Timer:
     """One megatron ``Timers`` entry: ``start()``/``stop()`` open and close a phase span."""
 
-    def __init__(self, phases: "Phases", phase: Optional[str]):
+    def __init__(self, phases: Phases, phase: Optional[str]):
         self.phases, self.phase = phases, phase
 
     def start(self, barrier: bool = False) -> None:

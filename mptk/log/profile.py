@@ -1,4 +1,4 @@
-"""A torch.profiler window (mptk #7): ``profile.start_step`` .. ``profile.end_step`` (0-based,
+"""A torch.profiler window: ``profile.start_step`` .. ``profile.end_step`` (0-based,
 end exclusive) on ``profile.ranks``; one Chrome trace per rank in
 ``run_dir/profile/rank_<r>.json`` (open it in chrome://tracing or https://ui.perfetto.dev)."""
 

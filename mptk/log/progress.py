@@ -1,4 +1,4 @@
-"""Rank 0's console progress (mptk #7): a ``rich`` progress bar with the step count, elapsed time
+"""Rank 0's console progress: a ``rich`` progress bar with the step count, elapsed time
 and ETA while the console is a terminal; the metrics lines print above it. In a log file (Slurm,
 CI) there is no bar: the metrics line carries ``eta`` instead."""
 
@@ -8,8 +8,7 @@ import sys
 from typing import Optional
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from mptk.log import ranklog
 
@@ -36,7 +35,7 @@ class Bar:
         self.on = active and self.console.is_terminal
         self._progress: Optional[Progress] = None
 
-    def start(self) -> "Bar":
+    def start(self) -> Bar:
         if not self.on:
             return self
         self._progress = Progress(

@@ -1,4 +1,4 @@
-"""Per-rank log files (mptk #7): every rank writes ``run_dir/logs/rank_<r>.log`` through Python
+"""Per-rank log files: every rank writes ``run_dir/logs/rank_<r>.log`` through Python
 logging; rank 0 also writes to the console, message only (the same lines ``print`` gave)."""
 
 from __future__ import annotations

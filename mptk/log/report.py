@@ -1,4 +1,4 @@
-"""The end-of-run report (mptk #7): loss (+ held-out loss), throughput and memory from
+"""The end-of-run report: loss (+ held-out loss), throughput and memory from
 ``metrics.jsonl``, plotted into ``run_dir/report.png``, and a short text summary."""
 
 from __future__ import annotations

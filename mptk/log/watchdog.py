@@ -1,12 +1,6 @@
-"""Run health (mptk #7): a NaN/Inf check on every step's loss and gradient norm, and a hang
-watchdog that dumps every thread's Python stack and exits instead of hanging.
-
-Test hooks (environment variables, read at the step they name; not for production use):
-
-- ``MPTK_TEST_NAN_AT_STEP=k``: step k's loss (1-based, as in metrics.jsonl) becomes NaN.
-- ``MPTK_TEST_HANG_RANK=r`` with ``MPTK_TEST_HANG_AT_STEP=k``: rank r sleeps forever before
-  running step k (1-based), so its peers block in the next collective.
-"""
+"""Run health: a NaN/Inf check on every step's loss and gradient norm, and a hang watchdog
+that dumps every thread's Python stack and exits instead of hanging (the fault-injection
+hooks that test both live in :mod:`mptk.train.faults`)."""
 
 from __future__ import annotations
 
@@ -16,33 +10,13 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from mptk.config.schema import DebugConfig, NanPolicy
 from mptk.exitcodes import HANG_EXIT_CODE, NONFINITE_EXIT_CODE
 from mptk.log import ranklog
-
-TEST_NAN_ENV = "MPTK_TEST_NAN_AT_STEP"
-TEST_HANG_RANK_ENV = "MPTK_TEST_HANG_RANK"
-TEST_HANG_STEP_ENV = "MPTK_TEST_HANG_AT_STEP"
-
-
-def _env_int(name: str) -> Optional[int]:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else None
-
-
-def test_nan(step: int, loss: float) -> float:
-    """The ``MPTK_TEST_NAN_AT_STEP`` hook: NaN in place of step ``step``'s loss (1-based)."""
-    return float("nan") if _env_int(TEST_NAN_ENV) == step else loss
-
-
-def test_hang(step: int, rank: int) -> None:
-    """The ``MPTK_TEST_HANG_*`` hook: rank r sleeps forever before step k (1-based)."""
-    if _env_int(TEST_HANG_RANK_ENV) == rank and _env_int(TEST_HANG_STEP_ENV) == step:
-        while True:
-            time.sleep(3600)
 
 
 def nonfinite(loss: float, norm: Optional[float]) -> list[str]:
@@ -91,7 +65,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="mptk-watchdog", daemon=True)
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         if self.timeout_s > 0:
             self._thread.start()
         return self

@@ -15,8 +15,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mptk.config.schema import Activation, AttentionImpl, DType, ModelConfig
-from mptk.plan import partition
 from mptk.models.attention import SdpaAttention
+from mptk.plan import partition
 
 _DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
 

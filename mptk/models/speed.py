@@ -1,4 +1,4 @@
-"""Speed options applied to a freshly built model, in one place (mptk #10).
+"""Speed options applied to a freshly built model, in one place.
 
 :func:`apply` is called once by :func:`mptk.train.loop.build_model`, after the recipe built this
 rank's model (or its pipeline chunks) and before anything else sees it (reference weights in

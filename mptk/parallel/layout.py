@@ -7,8 +7,9 @@ planner's choices and checkpoint manifests are built from a :class:`Layout`, nev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)

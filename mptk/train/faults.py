@@ -11,7 +11,7 @@ anything unless its variable is set. Not for production use. Steps are 1-based, 
 - ``MPTK_TEST_SIGTERM_AFTER_STEP=k`` (:meth:`Faults.after_step`): after step k, rank 0 sends
   SIGTERM to its parent (the launcher), which forwards it to every worker.
 - ``MPTK_TEST_CRASH_IN_SAVE=R[@S]``: rank R kills itself mid-save. It fires inside the
-  checkpoint writer, so it lives in :mod:`mptk.checkpoint.core` (a lower layer that cannot
+  checkpoint writer, so it lives in :mod:`mptk.checkpoint.writer` (a lower layer that cannot
   import this module).
 """
 

@@ -15,12 +15,11 @@ import torch
 
 from mptk.checkpoint.resume import startup_problems
 from mptk.config import registry
-from mptk.config.checks import PreflightError, config_problems, dp_of, on_cpu, slurm_world
+from mptk.config.checks import PreflightError, config_problems, on_cpu, slurm_world
 from mptk.config.schema import ClusterConfig, RunConfig, TrainConfig
-from mptk.plan import partition
 from mptk.models.speed import inductor_problem
 from mptk.parallel.layout import Layout, derive
-from mptk.plan import hardware, predict_fits
+from mptk.plan import hardware, partition, predict_fits
 
 __all__ = ["Layout", "PreflightError", "preflight", "slurm_world", "startup"]
 

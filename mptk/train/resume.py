@@ -39,7 +39,6 @@ def restore(engine, plan: checkpoint.Plan, run_dir) -> int:
 def maybe_save(w, step: int) -> bool:
     """After optimizer step ``step`` (all ranks): save when due or when any rank got a stop
     signal. True means stop now (a signal arrived before the last step)."""
-    signals.test_hook(step, rank())
     stop = signals.agree_stop()
     if stop or checkpoint.due(w.cfg.train, step):
         checkpoint.save(w, step)

@@ -16,14 +16,11 @@ import torch
 import torch.distributed as dist
 
 from mptk.exitcodes import INTERRUPTED_EXIT_CODE
-from mptk.train import faults
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """Signals that mean: save and stop (Slurm sends SIGUSR1 before the time limit, SIGTERM on
 preemption/scancel; the local launcher forwards both, and a Ctrl-C as SIGTERM)."""
 
-TEST_SIGTERM_ENV = faults.SIGTERM_ENV
-"""Test hook: after this step, rank 0 sends SIGTERM to its parent (see :mod:`mptk.train.faults`)."""
 
 _received: list[int] = []
 
@@ -59,12 +56,3 @@ def agree_stop() -> bool:
     flag = torch.tensor([1 if _received else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-def test_hook(step: int, rank: int) -> None:
-    """``MPTK_TEST_SIGTERM_AFTER_STEP=N``: rank 0 sends SIGTERM to its launcher after step N.
-
-    The trainer fires this through :meth:`mptk.train.faults.Faults.after_step`; this name stays
-    for the checkpoint code that still calls it (the SIGTERM goes out once either way)."""
-    wanted = os.environ.get(TEST_SIGTERM_ENV)
-    faults.sigterm_launcher(step, rank, int(wanted) if wanted else None)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from mptk.config.schema import ModelConfig, PositionEmbedding, RunConfig
 from mptk.config import registry
+from mptk.config.schema import ModelConfig, PositionEmbedding, RunConfig
 from mptk.config.shape import Embedding, Head, Shape, transformer
 from mptk.models import megatron
 
@@ -94,6 +94,12 @@ def shape(cfg: GPTConfig) -> Shape:
                        embedding=Embedding.tokens, head=Head.lm)
 
 
+def example_batch(cfg: GPTConfig, micro: int, generator: torch.Generator) -> dict:
+    """Random token ids of the model's vocabulary and sequence length."""
+    tokens = torch.randint(0, cfg.vocab_size, (micro, cfg.seq_length + 1), generator=generator)
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+
 RECIPE = registry.register(registry.Recipe(
     name="gpt", config=GPTConfig, build=build, loss=loss, forward=forward, data=data, checks=checks,
-    units="tokens", shape=shape))
+    units="tokens", shape=shape, example_batch=example_batch))

@@ -17,8 +17,8 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mptk.compat import cpu
-from mptk.config.schema import AttentionImpl, DataSource, ModelConfig, RunConfig
 from mptk.config import registry
+from mptk.config.schema import AttentionImpl, DataSource, ModelConfig, RunConfig
 from mptk.config.shape import Embedding, Head, Shape, transformer
 from mptk.models import megatron
 from mptk.models.attention import SdpaAttention
@@ -226,7 +226,13 @@ def _folder_checks(root: str, num_classes: int) -> list[str]:
     return []
 
 
+def example_batch(cfg: ViTConfig, micro: int, generator: torch.Generator) -> dict:
+    """Random images of the model's size and channels, random labels."""
+    images = torch.rand(micro, cfg.channels, cfg.image_size, cfg.image_size, generator=generator)
+    return {"images": images, "labels": torch.randint(0, cfg.num_classes, (micro,), generator=generator)}
+
+
 RECIPE = registry.register(registry.Recipe(
     name="vit", config=ViTConfig, build=build, loss=loss, forward=forward, data=data,
     checks=checks, units="images", units_per_sample=lambda model_cfg: 1,
-    eval_summary=eval_summary, shape=shape))
+    eval_summary=eval_summary, shape=shape, example_batch=example_batch))

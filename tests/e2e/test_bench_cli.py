@@ -1,10 +1,9 @@
-"""mptk-bench as a user runs it (mptk #10): the tiny shape on the CPU, baselines and mptk's own
+"""mptk-bench as a user runs it: the tiny shape on the CPU, baselines and mptk's own
 path with torch.compile, one JSON line per variant on stdout."""
 
 import json
 
 import pytest
-
 from e2e_util import mptk
 
 pytestmark = pytest.mark.e2e

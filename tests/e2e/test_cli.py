@@ -1,12 +1,10 @@
 """mptk-train as a user runs it: Hydra's flags, bad input, torchrun, multirun, determinism."""
 
 import subprocess
-import sys
 
 import pytest
-from omegaconf import OmegaConf
-
 from e2e_util import BIN, metrics, mptk, tiny
+from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.e2e
 

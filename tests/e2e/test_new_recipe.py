@@ -4,7 +4,6 @@ found through ``MPTK_RECIPE_PATH`` (the code) and ``hydra.searchpath`` (the conf
 import textwrap
 
 import pytest
-
 from e2e_util import metrics, mptk
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""mptk #7 through the CLI: a NaN loss stops every rank naming rank and step; per-rank log
+"""Run health through the CLI: a NaN loss stops every rank naming rank and step; per-rank log
 files; a profiler window; a hang makes every rank dump its stacks and exit instead of hanging;
 a SIGKILLed rank ends the run."""
 
@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import pytest
-
 from e2e_util import BIN, metrics, mptk, tiny
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +29,7 @@ def test_nan_stops_with_rank_and_step_and_rank_logs(tmp_path, cache):
     logs = {r: (run / "logs" / f"rank_{r}.log").read_text() for r in (0, 1)}
     for r, text in logs.items():
         assert f" rank{r} pid=" in text
-        assert f"INFO step 2/5 | loss " in text
+        assert "INFO step 2/5 | loss " in text
         assert f"ERROR mptk: error: non-finite loss=nan at step 3 on rank {r}" in text
     assert "layout tp=1 pp=1 dp=2" in logs[0] and "layout tp=1" in done.stdout
     for r in (0, 1):  # the offending batch: global sample ids of step 3 (0-based 2) per rank

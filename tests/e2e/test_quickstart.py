@@ -1,7 +1,6 @@
 """The README's quick start trains: held-out loss on stdlib text falls below a measured bar."""
 
 import pytest
-
 from e2e_util import metrics, mptk
 
 pytestmark = pytest.mark.e2e

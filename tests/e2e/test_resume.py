@@ -1,9 +1,10 @@
 """Preemption and resume through the CLI: a SIGTERM-stopped run continues bit-exactly, and a
 rank killed mid-save leaves the previous checkpoint usable."""
 
+import subprocess
+
 import pytest
 import torch
-
 from e2e_util import metrics, mptk, tiny
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from e2e_util import BIN, metrics, tiny
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,7 +2,6 @@
 run resumed from its mid-run checkpoint continues bit-exactly."""
 
 import pytest
-
 from e2e_util import metrics, mptk
 
 pytestmark = pytest.mark.e2e

@@ -1,7 +1,6 @@
 """The ViT recipe's default experiment trains to a measured held-out accuracy through the CLI."""
 
 import pytest
-
 from e2e_util import metrics, mptk
 
 pytestmark = pytest.mark.e2e

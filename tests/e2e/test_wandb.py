@@ -1,14 +1,13 @@
 """W&B offline files, read back with wandb's own reader (``wandb_files.py``): every step's
 metrics row at its step, the resolved config and run meta; a resumed run and a requeued job
-continue the same W&B run with the step axis going on (mptk #7)."""
+continue the same W&B run with the step axis going on."""
 
 import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from e2e_util import metrics, mptk, tiny
+from omegaconf import OmegaConf
 from wandb_files import offline_runs, read
 
 pytestmark = pytest.mark.e2e

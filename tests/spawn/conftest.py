@@ -1,10 +1,9 @@
 import pytest
+from harness import tiny_overrides
 
 from mptk.config.load import compose
 from mptk.config.schema import RunConfig
 from mptk.data import tokens
-
-from harness import tiny_overrides
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,10 @@ with the same loss. Plus the manifest and schedule rules without processes."""
 import json
 
 import pytest
-
 from harness import run_world
-from mptk.train.preflight import preflight
+
 import mptk.checkpoint as ck
+from mptk.train.preflight import preflight
 
 
 def train_and_save(env, cfg, steps, save_at):

@@ -5,7 +5,6 @@ ranks different ones, and one step's union equals a dp=1 run's step."""
 
 import pytest
 import torch
-
 from harness import run_world
 
 pytestmark = pytest.mark.spawn
@@ -19,10 +18,10 @@ OVERRIDES = ["data=indexed", "data.max_chars=300000", "data.split=[80,20,0]",
 
 def rank_batches(env, cfg, steps):
     """This rank's place, its log lines and its batches of ``steps`` steps."""
-    from mptk.train.preflight import preflight
-    from mptk.parallel import groups
     from mptk.config import registry
+    from mptk.parallel import groups
     from mptk.train.loop import rank_zero_first
+    from mptk.train.preflight import preflight
 
     layout = preflight(cfg, env.world_size, False)
     groups.init(env, layout.tp, layout.pp, torch.device("cpu"), "gloo", cfg.train.seed)
@@ -36,8 +35,8 @@ def rank_batches(env, cfg, steps):
 
 def reference_steps(cfg, steps):
     """The same run's batches on one process (dp=1, grad_acc=4)."""
-    from mptk.parallel.layout import Layout
     from mptk.data.indexed import IndexedData
+    from mptk.parallel.layout import Layout
 
     layout = Layout(tp=1, pp=1, dp=1, grad_acc=4, world=1)
     data = IndexedData.prepare(cfg, layout, cfg.model.vocab_size, log=lambda s: None, dp_rank=0)

@@ -4,7 +4,6 @@ tp2 x dp2 must reproduce the reference run's losses on the same weights and batc
 import numpy as np
 import pytest
 import torch.distributed as dist
-
 from harness import run_world
 
 pytestmark = pytest.mark.spawn

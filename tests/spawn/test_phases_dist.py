@@ -1,10 +1,9 @@
-"""Phase min/max and the straggler over real gloo ranks (mptk #7): one rank computes slowly,
+"""Phase min/max and the straggler over real gloo ranks: one rank computes slowly,
 another waits long; the straggler is the slow one, not the waiting one."""
 
 import time
 
 import pytest
-
 from harness import run_world
 
 pytestmark = pytest.mark.spawn

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from harness import run_world
 
 pytestmark = pytest.mark.spawn
@@ -75,6 +74,7 @@ def assert_same(ref, got, rtol=1e-5):
 def reference(tmp_path_factory, data_cache):
     """pp=1 runs: tp=1 (losses) and tp=2 (its per-tp-rank initial weights, equal to tp=1's)."""
     from harness import tiny_overrides
+
     from mptk.config.load import compose
 
     folder = tmp_path_factory.mktemp("ref")

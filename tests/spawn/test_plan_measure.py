@@ -8,8 +8,8 @@ import json
 import os
 
 import pytest
-
 from harness import run_world
+
 from mptk.config.load import compose
 from mptk.launch.measure import measure_rank, write_rows
 
@@ -59,10 +59,10 @@ def rank_params(env, cfgs):
     """Parameters each recipe's model holds on this rank (tp=2)."""
     import torch
 
-    from mptk.train.preflight import preflight
-    from mptk.parallel import groups
     from mptk.config import registry
+    from mptk.parallel import groups
     from mptk.train.loop import build_model
+    from mptk.train.preflight import preflight
 
     groups.init(env, 2, 1, torch.device("cpu"), "gloo", 1, None)
     counts = []

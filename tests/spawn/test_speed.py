@@ -1,9 +1,8 @@
-"""Speed options (mptk #10) keep results equal to the plain path: same weights, same batches,
+"""Speed options keep results equal to the plain path: same weights, same batches,
 3 optimizer steps on real gloo ranks, loss and grad norm within fp32 tolerance (1e-5)."""
 
 import numpy as np
 import pytest
-
 from harness import run_world
 
 pytestmark = pytest.mark.spawn
@@ -55,9 +54,9 @@ def plain_dp2(tiny_module, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_module(data_cache, tmp_path_factory):
-    from mptk.config.load import compose
-
     from harness import tiny_overrides
+
+    from mptk.config.load import compose
 
     def make(*overrides):
         cfg = compose(tiny_overrides(data_cache) + ["model.num_layers=3", *overrides])

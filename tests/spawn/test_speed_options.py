@@ -1,4 +1,4 @@
-"""Speed options (mptk #10) without process groups: the dtype cast, the compiler check, and the
+"""Speed options without process groups: the dtype cast, the compiler check, and the
 megatron name that per-layer compilation wraps."""
 
 import importlib

@@ -4,8 +4,8 @@ and ZeRO-2 at dp=2 reproduces ZeRO-0 (losses, gradient norms and held-out metric
 import numpy as np
 import pytest
 import torch
-
 from harness import assert_same, run_world
+
 from mptk.config.load import compose
 
 pytestmark = pytest.mark.spawn
@@ -87,9 +87,9 @@ def bidirectional_logits(env, cfg):
 
     from megatron.core.transformer.enums import AttnMaskType
 
+    from mptk.config.registry import ModelContext, get
     from mptk.config.schema import AttentionImpl
     from mptk.parallel import groups
-    from mptk.config.registry import ModelContext, get
 
     groups.init(env, 1, 1, torch.device("cpu"), "gloo", cfg.train.seed)
     recipe, out = get("vit"), {}

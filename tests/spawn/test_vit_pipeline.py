@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from harness import assert_same, run_world
+
 from mptk.config.load import compose
 
 pytestmark = pytest.mark.spawn

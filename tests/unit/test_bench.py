@@ -1,4 +1,4 @@
-"""mptk-bench (mptk #10) without processes: the plain baseline has the recipe's shape, variants
+"""mptk-bench without processes: the plain baseline has the recipe's shape, variants
 compose as documented, ratios and failures are reported."""
 
 import json

@@ -8,11 +8,10 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import open_dict
 
-from mptk.config import schema
+from mptk.config import registry, schema
 from mptk.config.load import ConfigError, compose, compose_cfg, conf_dir, to_run_config
-from mptk.train.preflight import Layout, preflight
 from mptk.config.store import GROUPS, register_schemas
-from mptk.config import registry
+from mptk.train.preflight import Layout, preflight
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

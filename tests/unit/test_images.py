@@ -10,7 +10,6 @@ from mptk.config.schema import DataConfig, DataSource
 from mptk.data import images
 from mptk.data.order import Place
 
-
 # ---------------------------------------------------------------------------------------
 # Digits and the held-out split
 # ---------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from mptk.config.load import compose
-from mptk.parallel.layout import Layout
 from mptk.data import blend, indexed, preprocess, tokenizer
 from mptk.data.order import Place
+from mptk.parallel.layout import Layout
 
 VOCAB = 512
 SEQ = 16
@@ -128,7 +128,9 @@ def test_blend_forms(corpus):
 
 def test_split_ranges_match_megatron():
     from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     for split in ("969,30,1", "98,2,0", "1", "8,1,1"):
         matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
@@ -274,8 +276,8 @@ def test_stdlib_default_is_preprocessed_once(tmp_path):
 
 
 def test_recipe_dispatches_on_source(corpus, monkeypatch):
-    from mptk.parallel import groups
     from mptk.config import registry
+    from mptk.parallel import groups
 
     monkeypatch.setattr(groups, "dp_rank", lambda: 0)  # no process groups here
     cfg = run_cfg(corpus["root"], f"data.blend=[{corpus['root'] / 'a'}]")

@@ -3,8 +3,9 @@ mapped into the package), so a new folder must be listed or an installed mptk la
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 

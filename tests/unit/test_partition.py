@@ -26,8 +26,11 @@ def test_auto_splits_evenly_when_the_ends_are_cheap():
 def test_auto_minimises_the_most_expensive_stage():
     big = model("model.vocab_size=50304", "model.num_layers=8")
     m, counts = shape_of(big), partition.stage_layers(big, 2, None, "auto")
-    cost = lambda c: [c[0] * partition.layer_flops(m), c[1] * partition.layer_flops(m)
-                      + partition.head_flops(m)]
+
+    def cost(c):
+        return [c[0] * partition.layer_flops(m), c[1] * partition.layer_flops(m)
+                + partition.head_flops(m)]
+
     best = min(max(cost([k, 8 - k])) for k in range(1, 8))
     assert max(cost(counts)) == pytest.approx(best, rel=0.01)
 

@@ -1,4 +1,4 @@
-"""Per-phase timers, TFLOP/s / MFU, ETA and the console line (mptk #7), pure."""
+"""Per-phase timers, TFLOP/s / MFU, ETA and the console line, pure."""
 
 import io
 import json

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mptk.train import preflight as preflight_module
-from mptk.train.preflight import Layout, PreflightError, preflight
+from mptk.config import registry
 from mptk.config.schema import (
     Backend,
     DataConfig,
@@ -18,7 +17,8 @@ from mptk.config.schema import (
     TrainConfig,
     ZeroConfig,
 )
-from mptk.config import registry
+from mptk.train import preflight as preflight_module
+from mptk.train.preflight import Layout, PreflightError, preflight
 
 
 def make(changes: dict | None = None) -> RunConfig:

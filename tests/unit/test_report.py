@@ -1,4 +1,4 @@
-"""mptk #7: the report from a synthetic metrics.jsonl, the NaN check and the watchdog dump."""
+"""The report from a synthetic metrics.jsonl, the NaN check and the watchdog dump."""
 
 import json
 import math

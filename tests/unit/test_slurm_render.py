@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from mptk.cli import submit
-from mptk.train import preflight as preflight_module
 from mptk.config.load import compose
 from mptk.config.schema import ClusterConfig
-from mptk.parallel.env import slurm_master_port
-from mptk.launch import slurm
 from mptk.exitcodes import REQUEUE_EXIT_CODE
+from mptk.launch import slurm
+from mptk.parallel.env import slurm_master_port
+from mptk.train import preflight as preflight_module
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("MPTK_REGEN_GOLDEN") == "1"

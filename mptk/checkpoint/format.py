@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 
@@ -90,7 +90,7 @@ def candidates(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
-    return sorted(found, key=step_of, reverse=True)
+    return sorted(found, key=lambda p: cast(int, step_of(p)), reverse=True)  # None filtered out above
 
 
 def read_latest(root: Path) -> Optional[str]:

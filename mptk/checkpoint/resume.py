@@ -166,11 +166,13 @@ def prepare(cfg, layout, model: torch.nn.Module) -> Plan:
         raise CheckpointError("; ".join(problems))
     plan = first_intact(decision)
     if decision.source == RESUME:
+        assert plan.folder is not None  # decide(): a RESUME pool is never empty; first_intact picks or raises
         message = layout_problem(plan.folder, plan.meta.get("layout", {}),
                                  fmt.layout_record(cfg, layout))
         if message:
             raise CheckpointError(message)
     elif decision.source == INIT_FROM:
+        assert plan.folder is not None  # likewise for an INIT_FROM pool
         state.load_weights(state.chunks_of(model), plan.folder)
         say(f"initialised weights from {plan.folder} (step {plan.meta.get('step')}); "
             f"fresh optimizer")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import cast
 
 from mptk.checkpoint import format as ck
 from mptk.checkpoint.state import load_weights
@@ -121,7 +122,7 @@ def cmd_inspect(args) -> None:
 
 def typed_config(saved: dict):
     """The saved config.json as a typed RunConfig (the recipe's model schema)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from mptk.config import registry
     from mptk.config.load import to_run_config
@@ -129,7 +130,9 @@ def typed_config(saved: dict):
 
     node = OmegaConf.structured(RunConfig)
     node.model = OmegaConf.structured(registry.get(saved["model"]["recipe"]).config)
-    return to_run_config(OmegaConf.merge(node, {k: v for k, v in saved.items() if k != "run_dir"}))
+    # merged onto a structured (dict) node, the result is a DictConfig
+    merged = cast(DictConfig, OmegaConf.merge(node, {k: v for k, v in saved.items() if k != "run_dir"}))
+    return to_run_config(merged)
 
 
 def single_process_world(seed: int) -> None:

@@ -89,7 +89,7 @@ def memory_table(p: Plan) -> Table:
     """The worst rank's memory, item by item, against the card."""
     t = Table(title=f"memory per GPU (pipeline rank {p.memory.rank})")
     for col, just in (("item", "left"), ("GiB", "right"), ("how", "left")):
-        t.add_column(col, justify=just)
+        t.add_column(col, justify=just)  # type: ignore[arg-type]  # just is one of rich's justify literals
     how = notes(p)
     for name, value in p.memory.rows():
         t.add_row(name, _g(value), how.get(name, ""))
@@ -102,7 +102,7 @@ def time_table(p: Plan) -> Table:
     """Step time by part and its share."""
     t = Table(title="step time")
     for col, just in (("part", "left"), ("ms", "right"), ("share", "right")):
-        t.add_column(col, justify=just)
+        t.add_column(col, justify=just)  # type: ignore[arg-type]  # just is one of rich's justify literals
     for name, value in p.timing.rows():
         t.add_row(name, f"{value * 1e3:,.1f}", f"{value / p.timing.step:.1%}")
     t.add_row("[bold]step[/]", f"[bold]{p.timing.step * 1e3:,.1f}[/]", "100%")

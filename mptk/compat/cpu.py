@@ -142,7 +142,7 @@ def activate() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("mptk.compat.cpu.activate() is for machines without a GPU")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: no probing, no warning
-    torch.cuda.current_device = _cpu_device
+    torch.cuda.current_device = _cpu_device  # type: ignore[assignment]  # monkeypatch on purpose (CPU runs)
     torch.cuda.synchronize = lambda *args, **kwargs: None
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from mptk.config.schema import Activation, AttentionImpl, ModelConfig, Normalization
 
@@ -71,12 +72,12 @@ class Shape:
     """``Head.classes``: outputs of the class head."""
 
 
-def transformer(model: ModelConfig, **ends) -> Shape:
+def transformer(model: ModelConfig, **ends: Any) -> Shape:
     """A :class:`Shape` from the fields every model config has (layers, widths, heads,
     ``seq_length``, norm, activation, attention); ``ends`` sets or overrides the rest (``seq``,
     ``vocab``, ``embedding``, ``head``, ...). Without ``ends`` the model is its transformer
     layers alone: the default for a recipe that states no shape."""
-    fields = dict(
+    fields: dict[str, Any] = dict(
         recipe=model.recipe, layers=model.num_layers, hidden=model.hidden_size,
         heads=model.num_attention_heads,
         kv_heads=model.num_query_groups or model.num_attention_heads,

@@ -235,9 +235,11 @@ def gpt_config(blend: Optional[Blend], split: Any, seq_length: int, seed: int, c
     """
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
+    where: dict[str, Any]
     if per_split is not None:
         where = {"blend_per_split": [None if b is None else b.megatron() for b in per_split]}
     else:
+        assert blend is not None  # every caller passes a blend or per_split
         where = {"blend": blend.megatron(), "split": split_text(split)}
     return GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, path_to_cache=cache, tokenizer=tok,

@@ -20,7 +20,7 @@ def stdlib_root() -> Path:
 def stdlib_files() -> list[Path]:
     """Sorted ``.py`` files of the standard library, without site-packages and test dirs."""
     root = stdlib_root()
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
         paths = (Path(dirpath, f) for f in filenames if f.endswith(".py"))

@@ -101,8 +101,10 @@ def read_image(path: Path, size: int, channels: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
+        # Pillow sets its BILINEAR alias at import time, which its annotations do not show
+        small = img.convert("L" if channels == 1 else "RGB").resize(
+            (size, size), Image.BILINEAR)  # type: ignore[attr-defined]
+        arr = np.asarray(small, dtype=np.float32) / 255.0
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(np.broadcast_to(arr, (channels, size, size)))
 

@@ -212,6 +212,7 @@ def stdlib_prefix(cfg: RunConfig, vocab_size: int, log=print) -> str:
     tokens.build_once(folder, lambda tmp: _build_stdlib(tmp, cfg, files, vocab_size),
                       complete=_stdlib_built)
     meta = preprocess.read_meta(folder / "stdlib")
+    assert meta is not None  # build_once publishes only a complete folder (sidecar present)
     log(f"{meta['documents']:,} documents, {meta['tokens']:,} tokens in {folder}")
     return str(folder / "stdlib")
 

@@ -65,7 +65,8 @@ def ds_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on biases and norm weights)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -77,7 +78,7 @@ def optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """A torch optimizer handed to DeepSpeed (no fused/CPU-Adam JIT build); ``optim.foreach``
     and ``optim.fused`` pick torch's multi-tensor or fused kernels."""
     opt, groups = cfg.optim, param_groups(model, cfg.optim.weight_decay)
-    kernels = {"foreach": opt.foreach, "fused": opt.fused}
+    kernels: dict[str, Any] = {"foreach": opt.foreach, "fused": opt.fused}
     if opt.name is OptimizerName.sgd:
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.beta1, **kernels)
     return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,

@@ -27,6 +27,7 @@ import copy
 import gc
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -83,9 +84,9 @@ class Probe:
         self.engine, self.inner = engine, torch_optimizer(engine)
         self.active, self.step_grads, self.module_grads, self.pre_reduce = False, {}, {}, {}
         self._step = self.inner.step
-        self.inner.step = self._wrapped_step
+        self.inner.step = self._wrapped_step  # type: ignore[method-assign]  # patched on purpose, undone by remove()
         zero = engine.optimizer
-        self._reduce = getattr(zero, "reduce_gradients", None)
+        self._reduce: Any = getattr(zero, "reduce_gradients", None)
         if self._reduce is not None:
             zero.reduce_gradients = self._wrapped_reduce
 
@@ -111,7 +112,7 @@ class Probe:
 
     def remove(self) -> None:
         """Put the optimizer's own methods back."""
-        self.inner.step = self._step
+        self.inner.step = self._step  # type: ignore[method-assign]  # restores the original
         if self._reduce is not None:
             self.engine.optimizer.reduce_gradients = self._reduce
 

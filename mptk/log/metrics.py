@@ -111,7 +111,7 @@ def versions() -> dict:
     """Installed versions of the packages a run depends on."""
     from importlib import metadata
 
-    found = {}
+    found: dict[str, str | None] = {}
     for name in ("torch", "megatron-core", "deepspeed", "mptk"):
         try:
             found[name] = metadata.version(name)

@@ -53,7 +53,8 @@ def say(text: str, rank0: bool) -> None:
 
 def error(text: str) -> None:
     """An error line in this rank's file, and on stderr from every rank (not on stdout)."""
-    record = _logger.makeRecord(LOGGER, logging.ERROR, __file__, 0, text, None, None)
+    # logging takes args=None (nothing to %-merge); typeshed only lists tuple/Mapping
+    record = _logger.makeRecord(LOGGER, logging.ERROR, __file__, 0, text, None, None)  # type: ignore[arg-type]
     for handler in _logger.handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

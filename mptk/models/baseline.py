@@ -54,8 +54,8 @@ class Block(nn.Module):
         q, k, v = (t.view(b, s, -1, self.d) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
-                                           is_causal=True, enable_gqa=self.groups != self.heads)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=self.groups != self.heads)
         x = x + self.proj(y.transpose(1, 2).reshape(b, s, -1))
         hidden = self.fc1(self.ln2(x))
         if self.swiglu:
@@ -75,8 +75,8 @@ class PlainGPT(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.hidden_size)
         rope = m.position_embedding.value == "rope"
         self.pos = None if rope else nn.Embedding(m.seq_length, m.hidden_size)
-        self.rope = rope_tables(m.seq_length, m.hidden_size // m.num_attention_heads) if rope \
-            else None
+        self.rope: tuple[torch.Tensor, ...] | None = rope_tables(
+            m.seq_length, m.hidden_size // m.num_attention_heads) if rope else None
         self.blocks = nn.ModuleList(Block(m) for _ in range(m.num_layers))
         norm = nn.RMSNorm if m.normalization.value == "RMSNorm" else nn.LayerNorm
         self.ln_f = norm(m.hidden_size)

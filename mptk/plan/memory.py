@@ -13,6 +13,7 @@ clones the partition), 4+4+12/N.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from mptk.config.schema import RunConfig
 from mptk.plan.cost import (
@@ -57,7 +58,7 @@ def training_of(cfg: RunConfig) -> Training:
     z, value = cfg.zero, lambda e: getattr(e, "value", e)
     extra = z.extra.get("zero_optimization", {}) if isinstance(z.extra, dict) else {}
     return Training(
-        w=4 if value(cfg.train.dtype) == "fp32" else 2, optimizer=value(cfg.optim.name),
+        w=4 if value(cfg.train.dtype) == "fp32" else 2, optimizer=cast(str, value(cfg.optim.name)),
         global_batch=cfg.train.global_batch_size, reduce_bucket=int(z.reduce_bucket_size),
         overlap_comm=bool(z.overlap_comm), persistence=int(z.stage3_param_persistence_threshold),
         offload_optimizer=bool(z.offload_optimizer), offload_params=bool(z.offload_params),

@@ -35,7 +35,7 @@ def balanced(m: Shape, stages: int) -> list[int]:
     extra = [0.0] * stages
     extra[0] += embedding_flops(m)
     extra[-1] += head_flops(m)
-    best = {(0, 0): (0.0, [])}
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {(0, 0): (0.0, [])}
     for k in range(1, stages + 1):
         for i in range(k, L - (stages - k) + 1):
             options = [(max(best[(j, k - 1)][0], (i - j) * unit + extra[k - 1]),

@@ -144,8 +144,8 @@ def estimate(sh: Shape, c: Choice, tr: Training, cluster: Cluster, counts: list[
     params = numel(stage_tensors(sh, c.tp, layers, True, c.pp == 1, c.pp))
     dp = dp_comm(c, tr, cluster, params, m)
     hidden = 0.5 * compute if tr.overlap_comm and c.zero >= 1 else 0.0
-    parts = [compute, tp, bubble, pp_comm(sh, c, tr, cluster, m), max(0.0, dp - hidden),
-             optimizer_time(params, c, tr, cluster)]
+    parts = (compute, tp, bubble, pp_comm(sh, c, tr, cluster, m), max(0.0, dp - hidden),
+             optimizer_time(params, c, tr, cluster))
     step = sum(parts)
     peak = world * cluster.gpu.tflops * 1e12
     return Timing(*parts, step=step, samples_per_s=tr.global_batch / step,

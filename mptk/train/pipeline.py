@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,8 @@ def chunks_of(engine) -> list[torch.nn.Module]:
 def attach_timers(engine, phases: Phases) -> Phases:
     """Let megatron's schedule and p2p layer report into ``phases`` (its ``config.timers``)."""
     for chunk in chunks_of(engine):
-        chunk.config.timers = phases
+        config: Any = chunk.config  # megatron's TransformerConfig
+        config.timers = phases
     return phases
 
 
@@ -76,7 +78,8 @@ def forward_step_fn(recipe, collect: list):
 
 def run_schedule(engine, recipe, batches: list[dict], cfg, forward_only: bool) -> list:
     """All micro-batches through the pipeline; returns [(loss, metrics)] on the last stage."""
-    chunks, collect = chunks_of(engine), []
+    chunks = chunks_of(engine)
+    collect: list = []
     with device_scope():
         get_forward_backward_func()(
             forward_step_func=forward_step_fn(recipe, collect),
@@ -91,7 +94,7 @@ def sync_tied_embeddings(engine) -> None:
     if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
         return
     chunks = chunks_of(engine)
-    holder = chunks[0] if ps.is_pipeline_first_stage(ignore_virtual=True) else chunks[-1]
+    holder: Any = chunks[0] if ps.is_pipeline_first_stage(ignore_virtual=True) else chunks[-1]
     if not getattr(holder, "share_embeddings_and_output_weights", False):
         return
     weight = holder.shared_embedding_or_output_weight()
@@ -147,11 +150,12 @@ def pipeline_evaluate(engine, recipe, data, device, cfg) -> dict:
     """Held-out loss (and the recipe's summary) through a forward-only schedule."""
     engine.eval()
     batches = [to_device(b, device) for b in data.eval_batches()]
-    timers = chunks_of(engine)[0].config.timers
+    config: Any = chunks_of(engine)[0].config
+    timers = config.timers
     with timers.paused() if isinstance(timers, Phases) else contextlib.nullcontext():
         collect = run_schedule(engine, recipe, batches, cfg, forward_only=True)
     engine.train()
-    sums = {}
+    sums: dict[str, float] = {}
     for _, metrics in collect:
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
@@ -176,7 +180,8 @@ class PipelineStep:
     def __init__(self, engine, recipe, data, layout, device, cfg, phases: Phases):
         self.engine, self.recipe, self.data = engine, recipe, data
         self.device, self.cfg, self.phases = device, cfg, phases
-        self.grad_acc, self.stats = layout.grad_acc, {}
+        self.grad_acc = layout.grad_acc
+        self.stats: dict[str, Any] = {}
         self.bubble_theory = theoretical_bubble(layout.pp, layout.vpp, layout.grad_acc)
         time_grad_reduce(engine, phases)
         attach_timers(engine, phases)

@@ -95,7 +95,8 @@ def dp_sums(sums: dict) -> dict:
 def evaluate(engine, recipe, data, device) -> dict:
     """Held-out metrics over every dp rank: ``eval_loss`` plus the recipe's summary."""
     engine.eval()
-    losses, sums = [], {}
+    losses: list[torch.Tensor] = []
+    sums: dict[str, float] = {}
     for batch in data.eval_batches():
         loss, metrics = recipe.loss(engine, to_device(batch, device))
         losses.append(loss.detach().clone())

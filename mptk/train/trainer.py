@@ -15,7 +15,7 @@ import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,8 @@ class Worker:
     device: torch.device
     recipe: registry.Recipe
     data: object
-    engine: object
+    engine: Any
+    """The DeepSpeed engine (duck-typed)."""
     metrics: Metrics
     stepper: StepStrategy
     """The step strategy, chosen once at setup from ``layout.pp``."""

@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--why", action="store_true", help="with --search: why layouts were dropped")
     p.add_argument("--top", type=int, default=10, help="layouts shown by --search")
     p.add_argument("--all-knobs", action="store_true",
-                   help="also search knobs mptk's config cannot set yet (recompute, sequence parallel)")
+                   help="no-op, kept for old scripts: --search now always varies train.recompute "
+                        "and parallel.sp with the other knobs")
     p.add_argument("--efficiency", type=float, default=EFFICIENCY,
                    help=f"achievable fraction of peak FLOP/s (default {EFFICIENCY})")
     p.add_argument("--reserve-gib", type=float, default=RESERVE / GiB,
@@ -124,7 +125,7 @@ def run_search(out: Console, cfg: RunConfig, cluster: Cluster, args: argparse.Na
     from mptk.plan import search as s
 
     start = time.perf_counter()
-    result = s.search(cfg, cluster, s.knobs_of(cfg, args.all_knobs), args.top, args.efficiency,
+    result = s.search(cfg, cluster, s.knobs_of(cfg), args.top, args.efficiency,
                       args.reserve_gib * GiB)
     seconds = time.perf_counter() - start
     best = result.ranked[: args.top]

@@ -39,17 +39,24 @@ def describe(cfg: RunConfig, p: Plan) -> str:
     """Two lines: the model and batch, then the layout and cluster."""
     c, cl, tr = p.choice, p.cluster, p.training
     dtype = {2: cfg.train.dtype.value, 4: "fp32"}[tr.w]
+    how = f" ({tr.recompute_method}, {tr.recompute_layers})" if c.recompute == "full" else ""
     return (f"{cfg.model.recipe} {total_params(p.shape) / 1e9:.3g}B params, seq {p.shape.seq}, "
             f"global batch {tr.global_batch}, {dtype}, {tr.optimizer}\n"
             f"layout tp={c.tp} pp={c.pp} vpp={c.vpp} dp={c.dp}, ZeRO-{c.zero}, micro {c.micro} x "
-            f"{c.grad_acc(tr.global_batch)} accumulation, recompute {c.recompute}, "
+            f"{c.grad_acc(tr.global_batch)} accumulation, recompute {c.recompute}{how}, "
             f"sequence parallel {'on' if c.sp else 'off'}; {cl.nodes} x {cl.gpus_per_node} {cl.gpu.name}")
 
 
-def activation_formula(c: Choice, flash: bool) -> str:
-    """Korthikanti et al.'s per-layer term in use (SDPA keeps no s x s scores: +5as/h dropped)."""
+def activation_formula(c: Choice, flash: bool, tr: Training | None = None) -> str:
+    """Korthikanti et al.'s per-layer term in use (SDPA keeps no s x s scores: +5as/h dropped);
+    full recompute says which layers keep only their input (``train.recompute_method``)."""
     if c.recompute == "full":
-        return "2sbh/t (layer input)" if c.sp else "2sbh (layer input)"
+        held = "2sbh/t (layer input)" if c.sp else "2sbh (layer input)"
+        method, k = (tr.recompute_method, tr.recompute_layers) if tr else ("uniform", 1)
+        if method == "block":
+            rest = activation_formula(dataclasses.replace(c, recompute="none"), flash)
+            return f"{held} on the first {k} layers of each chunk, {rest} on the rest"
+        return held + (f" per group of {k} layers" if k > 1 else "")
     scores = not flash and c.recompute == "none"
     if c.sp or c.tp == 1:
         return f"sbh(34{'+5as/h' if scores else ''}){'/t' if c.tp > 1 else ''}"
@@ -70,7 +77,8 @@ def notes(p: Plan) -> dict[str, str]:
     c, tr, m = p.choice, p.training, p.memory
     part = f"/ dp {c.dp}" if c.dp > 1 else "(dp 1)"
     opt = "SGD momentum 4 B" if tr.optimizer == "sgd" else "AdamW moments 8 B + step"
-    act = activation_formula(c, p.shape.flash)
+    act = activation_formula(c, p.shape.flash, tr)
+    rebuilt = " + one recomputed group in backward" if c.recompute == "full" else ""
     return {
         "weights": f"{tr.w} B x {m.params:,} params{' ' + part if c.zero == 3 else ''}",
         "gradients": f"{tr.w} B x params{' ' + part if c.zero >= 2 else ''}",
@@ -78,7 +86,7 @@ def notes(p: Plan) -> dict[str, str]:
                        f"4 B x params{' ' + part if c.zero >= 1 else ''}",
         "optimizer states": f"{opt}{' ' + part if c.zero >= 1 else ''}",
         "activations": f"{act} x {m.layers} layers x {m.micro_batches:.2f} micro-batches "
-                       f"(s={p.shape.seq}, b={c.micro}, h={p.shape.hidden}, t={c.tp})",
+                       f"(s={p.shape.seq}, b={c.micro}, h={p.shape.hidden}, t={c.tp}){rebuilt}",
         "logits + loss": "fp32 logits and softmax, last stage",
         "DeepSpeed buffers": buffer_note(c, tr),
         "CUDA context / NCCL / fragmentation": "assumed (--reserve-gib)",

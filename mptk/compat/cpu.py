@@ -51,6 +51,8 @@ PATCHES: tuple[Patch, ...] = (
           "attention dropout always forks the CUDA RNG tracker"),
     Patch("megatron.core.tensor_parallel.random", "torch.cuda.get_rng_state()",
           "the stock tracker reads and writes the CUDA generator"),
+    Patch("megatron.core.tensor_parallel.random", "torch.cuda.random.get_rng_state(device=device)",
+          "activation recomputation (checkpoint) saves and restores the CUDA generator's state"),
     Patch("megatron.core.tensor_parallel.random", "torch.cuda.manual_seed(data_parallel_seed)",
           "model_parallel_cuda_manual_seed seeds the CUDA generator"),
     Patch("megatron.core.pipeline_parallel.schedules", 'device="cuda"',
@@ -144,6 +146,10 @@ def activate() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: no probing, no warning
     torch.cuda.current_device = _cpu_device  # type: ignore[assignment]  # monkeypatch on purpose (CPU runs)
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    # There is no CUDA generator: every random op draws from the CPU generator, whose state
+    # the checkpoint function saves and restores itself.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _ACTIVE = True

@@ -18,6 +18,7 @@ from mptk.config.schema import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    Recompute,
     RunConfig,
     TrainConfig,
     ZeroConfig,
@@ -47,6 +48,7 @@ def config_problems(cfg: RunConfig, world_size: int, cuda_available: bool) -> li
         *slurm_world(cfg.cluster, world_size),
         *_peak_value(cfg.cluster),
         *_pipeline(cfg, dp),
+        *_memory_levers(cfg),
     ]
 
 
@@ -230,6 +232,25 @@ def _peak_value(cluster: ClusterConfig) -> list[str]:
         return [f"cluster.peak_tflops({cluster.peak_tflops}) must be > 0 (the device's "
                 f"peak dense TFLOP/s for MFU); or leave it unset"]
     return []
+
+
+def _memory_levers(cfg: RunConfig) -> list[str]:
+    """Sequence parallelism splits the sequence over tp ranks; recomputation counts layers."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    problems = []
+    if p.sp and p.tp < 2:
+        problems.append(f"parallel.sp=true needs parallel.tp >= 2 (got tp({p.tp})); raise tp or "
+                        f"set parallel.sp=false")
+    if p.sp and p.tp >= 2:
+        problems += _divisible("model.seq_length", m.seq_length, "parallel.tp", p.tp,
+                               "sequence parallelism splits every sequence over the tp ranks")
+    if t.recompute is Recompute.full:
+        problems += _at_least("train.recompute_layers", t.recompute_layers, 1,
+                              "recompute at least one layer (or train.recompute=none)")
+        if t.recompute_layers > m.num_layers >= 1:
+            problems.append(f"train.recompute_layers({t.recompute_layers}) > model.num_layers("
+                            f"{m.num_layers}); use at most the layer count")
+    return problems
 
 
 def _train(t: TrainConfig) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from mptk.config.schema import ModelConfig
+from mptk.config.schema import ModelConfig, Recompute, RecomputeMethod
 from mptk.config.shape import Shape, transformer
 
 
@@ -129,3 +129,11 @@ class ModelContext:
     """Layers per virtual stage (pp>1), see :mod:`mptk.plan.partition`."""
     batch_p2p: bool = True
     """Batched pipeline p2p (off on gloo)."""
+    sp: bool = False
+    """Sequence parallelism inside the tensor-parallel group (``parallel.sp``)."""
+    recompute: Recompute = Recompute.none
+    """Activation recomputation (``train.recompute``)."""
+    recompute_method: RecomputeMethod = RecomputeMethod.uniform
+    """``train.recompute_method``."""
+    recompute_layers: int = 1
+    """``train.recompute_layers``."""

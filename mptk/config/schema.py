@@ -45,6 +45,30 @@ class DType(Enum):
     fp16 = "fp16"
 
 
+class Recompute(Enum):
+    """Activation recomputation (megatron's ``recompute_granularity``)."""
+
+    none = "none"
+    """Keep every activation backward needs."""
+    selective = "selective"
+    """Recompute core attention in backward (megatron's ``core_attn``): drops the
+    sequence-squared attention terms (Korthikanti et al. 2022) for a few percent more FLOPs."""
+    full = "full"
+    """Keep only each recomputed layer's input and rerun its forward in backward: the most
+    memory saved, one extra forward of those layers (~33% more FLOPs)."""
+
+
+class RecomputeMethod(Enum):
+    """Which layers ``train.recompute=full`` recomputes (megatron's ``recompute_method``)."""
+
+    uniform = "uniform"
+    """Split each stage's layers into groups of ``train.recompute_layers`` and checkpoint each
+    group's input."""
+    block = "block"
+    """Recompute only the first ``train.recompute_layers`` layers of each stage; the rest keep
+    their activations (trade memory for speed per layer)."""
+
+
 class Device(Enum):
     auto = "auto"
     """CUDA when a GPU is visible, else CPU."""
@@ -136,6 +160,10 @@ class ParallelConfig:
     """Transformer layers per pipeline stage: ``auto`` (balanced by a cost model that charges the
     embedding to the first stage and the output layer + loss to the last), or a list of
     pp * vpp counts in virtual-stage order (chunk 0 of every rank, then chunk 1, ...)."""
+    sp: bool = False
+    """Sequence parallelism (needs tp > 1): norms, dropouts and residuals work on 1/tp of the
+    sequence, so their activations shrink by tp; the tp all-reduces become reduce-scatter +
+    all-gather pairs (same bytes). The norms' gradients are summed over the tp group."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -256,6 +284,15 @@ class TrainConfig:
     compile_loss: bool = False
     """``torch.compile`` a GPT's cross-entropy over the logits too. Same losses; on
     the CPU it was slower and took more memory than eager, on a GPU it is unmeasured."""
+    recompute: Recompute = Recompute.none
+    """Activation recomputation: ``none``, ``selective`` (core attention) or ``full`` (layer
+    inputs only). Same losses; memory and FLOPs in ``mptk-plan`` and docs/planner.md."""
+    recompute_method: RecomputeMethod = RecomputeMethod.uniform
+    """With ``recompute=full``: ``uniform`` (groups of ``recompute_layers``) or ``block`` (the
+    first ``recompute_layers`` layers of each stage)."""
+    recompute_layers: int = 1
+    """With ``recompute=full``: megatron's ``recompute_num_layers`` (group size for uniform,
+    layers per stage for block)."""
 
 
 @dataclass(kw_only=True, slots=True)

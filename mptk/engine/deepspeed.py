@@ -109,12 +109,16 @@ def disable_jit_probes() -> None:
 
 
 def initialize(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
-    """``deepspeed.initialize`` with the mpu adapter over megatron's groups."""
+    """``deepspeed.initialize`` with the mpu adapter over megatron's groups (after the tp sum of
+    the sequence-parallel norm gradients is hooked in: DeepSpeed reduces over dp only)."""
     disable_jit_probes()
     import deepspeed
 
+    from mptk.engine import grads
+    from mptk.parallel import groups
     from mptk.parallel.mpu import MegatronMpu, mark_parameters
 
+    grads.sum_over_tp(model, groups.tp_group(), layout.tp)
     mark_parameters(model)
     opt = optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))

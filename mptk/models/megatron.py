@@ -5,17 +5,23 @@ and where layer specs are chosen (the attention implementation is swapped throug
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mptk.config.schema import Activation, AttentionImpl, DType, ModelConfig
+from mptk.config.schema import Activation, AttentionImpl, DType, ModelConfig, Recompute, RecomputeMethod
 from mptk.models.attention import SdpaAttention
+from mptk.models.norms import SequenceParallelNorm
 from mptk.plan import partition
 
 _DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
@@ -27,14 +33,19 @@ def torch_dtype(dtype: DType) -> torch.dtype:
 
 def transformer_config(model: ModelConfig, tp: int, pp: int, dtype: DType, *,
                        stage_layers: Optional[list[int]] = None,
-                       batch_p2p: bool = True) -> TransformerConfig:
+                       batch_p2p: bool = True, sp: bool = False,
+                       recompute: Recompute = Recompute.none,
+                       recompute_method: RecomputeMethod = RecomputeMethod.uniform,
+                       recompute_layers: int = 1) -> TransformerConfig:
     """mptk model + layout + dtype -> megatron ``TransformerConfig``.
 
     Fusions that need apex/TE/CUDA kernels are off; weights are initialised on the CPU as
     full matrices and then split, so every tp layout starts from the same weights.
     ``stage_layers`` (pp>1) becomes megatron's pipeline layout; ``batch_p2p=False`` sends
     pipeline tensors one by one (required on gloo: batched p2p gave silently wrong gradients
-    with the interleaved schedule at pp=2).
+    with the interleaved schedule at pp=2). ``sp`` is megatron's ``sequence_parallel``;
+    ``recompute*`` become its ``recompute_granularity`` / ``recompute_method`` /
+    ``recompute_num_layers`` (selective recomputes core attention only).
     """
     swiglu = model.activation is Activation.swiglu
     layout = partition.megatron_layout(stage_layers) if pp > 1 and stage_layers else None
@@ -52,23 +63,48 @@ def transformer_config(model: ModelConfig, tp: int, pp: int, dtype: DType, *,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         pipeline_model_parallel_layout=layout, batch_p2p_comm=batch_p2p,
+        sequence_parallel=sp, **_recompute(recompute, recompute_method, recompute_layers),
     )
+
+
+def _recompute(how: Recompute, method: RecomputeMethod, layers: int) -> dict[str, Any]:
+    if how is Recompute.none:
+        return {}
+    if how is Recompute.selective:
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {"recompute_granularity": "full", "recompute_method": method.value,
+            "recompute_num_layers": layers}
 
 
 def config_for(model: ModelConfig, ctx) -> TransformerConfig:
     """``transformer_config`` for the rank described by a ``registry.ModelContext``."""
     return transformer_config(model, ctx.tp, ctx.pp, ctx.dtype, stage_layers=ctx.stage_layers,
-                              batch_p2p=ctx.batch_p2p)
+                              batch_p2p=ctx.batch_p2p, sp=ctx.sp, recompute=ctx.recompute,
+                              recompute_method=ctx.recompute_method,
+                              recompute_layers=ctx.recompute_layers)
 
 
-def layer_spec(model: ModelConfig, mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
-    """megatron's local (no-TE) layer spec, with core attention and mask type swapped in."""
+def layer_spec(model: ModelConfig, mask: AttnMaskType = AttnMaskType.causal,
+               sp: bool = False) -> ModuleSpec:
+    """megatron's local (no-TE) layer spec, with core attention and mask type swapped in (and,
+    under sequence parallelism, norms that allow it)."""
     spec = get_gpt_layer_local_spec(normalization=model.normalization.value)
+    if sp:
+        spec.submodules.input_layernorm = SequenceParallelNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
     attention = spec.submodules.self_attention
     if model.attention is AttentionImpl.sdpa:
         attention.submodules.core_attention = SdpaAttention
     attention.params = {**attention.params, "attn_mask_type": mask}
     return spec
+
+
+def block_spec(config: TransformerConfig, layer: ModuleSpec, vp_stage: Optional[int]) -> ModuleSpec:
+    """This stage's decoder block: ``layer`` for each of its layers and, as the final norm,
+    :class:`SequenceParallelNorm` (megatron's default block norm refuses sequence parallelism)."""
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[layer] * count, layer_norm=SequenceParallelNorm))
 
 
 def replace(config: TransformerConfig, **changes) -> TransformerConfig:

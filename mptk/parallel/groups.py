@@ -82,6 +82,10 @@ def tp_size() -> int:
     return int(ps.get_tensor_model_parallel_world_size())
 
 
+def tp_group() -> Any:
+    return ps.get_tensor_model_parallel_group()
+
+
 def pp_rank() -> int:
     return int(ps.get_pipeline_model_parallel_rank())
 

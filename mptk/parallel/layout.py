@@ -52,4 +52,4 @@ def derive(cfg: Any, world: int, stage_layers: Sequence[int] = ()) -> Layout:
     p, t = cfg.parallel, cfg.train
     dp = world // (p.tp * p.pp)
     return Layout(tp=p.tp, pp=p.pp, dp=dp, grad_acc=t.global_batch_size // (t.micro_batch_size * dp),
-                  world=world, vpp=p.vpp or 1, stage_layers=tuple(stage_layers))
+                  world=world, vpp=p.vpp or 1, stage_layers=tuple(stage_layers), sp=p.sp)

@@ -22,29 +22,24 @@ from mptk.plan.hardware import EFFICIENCY, GPU, Cluster, GiB, from_device_name, 
 from mptk.plan.memory import Choice, Memory, Training, training_of, worst_memory
 from mptk.plan.perf import Timing, estimate
 
-__all__ = ["Choice", "Cluster", "GPU", "PLANNER_ONLY", "Plan", "choice_of", "gpu", "make_plan",
+__all__ = ["Choice", "Cluster", "GPU", "Plan", "choice_of", "gpu", "make_plan",
            "plan", "predict_fits", "RESERVE", "stage_counts"]
 
 RESERVE = 2 * GiB
 """Per-GPU memory the planner keeps back: CUDA context (~0.5 GiB), NCCL buffers, allocator
 fragmentation. An assumption; ``--reserve-gib`` changes it."""
 
-PLANNER_ONLY = {"recompute": "none", "sp": "false"}
-"""Knobs the planner models but :class:`RunConfig` has no key for yet (activation
-recomputation, sequence parallelism), with the value a run gets: a config always asks for
-that value; the search varies them only with ``--all-knobs`` and gives them as ``# knob=value``
-notes."""
-
 
 # --------------------------------------------------------------------------- config
 
 
 def choice_of(cfg: RunConfig, world: int) -> Choice:
-    """The layout a config asks for on ``world`` GPUs (:data:`PLANNER_ONLY` knobs at their
-    defaults)."""
-    p = cfg.parallel
+    """The layout a config asks for on ``world`` GPUs (``train.recompute`` and ``parallel.sp``
+    included; ``train.recompute_method`` / ``recompute_layers`` are in :class:`Training`)."""
+    p, recompute = cfg.parallel, cfg.train.recompute
     return Choice(tp=p.tp, pp=p.pp, dp=max(1, world // (p.tp * p.pp)), vpp=p.vpp or 1,
-                  zero=cfg.zero.stage, micro=cfg.train.micro_batch_size)
+                  zero=cfg.zero.stage, micro=cfg.train.micro_batch_size,
+                  recompute=str(getattr(recompute, "value", recompute)), sp=bool(p.sp))
 
 
 def stage_counts(cfg: RunConfig, c: Choice) -> list[int]:

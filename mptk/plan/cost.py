@@ -23,8 +23,9 @@ __all__ = [
     "Embedding", "Head", "Shape", "Tensors", "embedding_flops", "hardware_flops", "head_bytes",
     "head_flops", "korthikanti", "largest_layer", "layer_activations", "layer_flops",
     "layer_forward", "layer_matmul_params", "layer_tensors", "logits", "loss_flops",
-    "megatron_flops", "model_flops", "numel", "output_flops", "param_groups", "shape_of",
-    "stage_flops", "stage_tensors", "tensor_count", "total_params",
+    "megatron_flops", "model_flops", "numel", "output_flops", "param_groups",
+    "recompute_transient", "recomputed_layers", "shape_of", "stage_activations", "stage_flops",
+    "stage_tensors", "tensor_count", "total_params",
 ]
 
 
@@ -177,12 +178,21 @@ def model_flops(s: Shape, batch: int) -> float:
     return 3 * batch * (s.layers * (matmul + core) + output_flops(s))
 
 
-def hardware_flops(s: Shape, batch: int, recompute: str) -> float:
-    """FLOPs actually executed: full recompute repeats each layer's forward, selective the
-    attention core."""
+def hardware_flops(s: Shape, batch: int, recompute: str, share: float = 1.0) -> float:
+    """FLOPs actually executed: full recompute repeats the forward of the recomputed layers
+    (``share`` of them: :func:`recomputed_layers`), selective the attention core of every layer."""
     matmul, core = layer_forward(s)
-    extra = {"full": matmul + core, "selective": core}.get(recompute, 0.0)
+    extra = {"full": (matmul + core) * share, "selective": core}.get(recompute, 0.0)
     return model_flops(s, batch) + batch * s.layers * extra
+
+
+def recomputed_layers(layers: int, recompute: str, method: str = "uniform", group: int = 1) -> int:
+    """Layers of one model chunk whose forward reruns in backward under full recompute
+    (``train.recompute_method`` / ``train.recompute_layers``): uniform all of them, block the
+    first ``group``; 0 otherwise (selective reruns only the attention core)."""
+    if recompute != "full":
+        return 0
+    return min(max(0, group), layers) if method == "block" else layers
 
 
 # --------------------------------------------------------------------------- activations
@@ -205,12 +215,45 @@ def korthikanti(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
 
 def layer_activations(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int) -> float:
     """Korthikanti's per-layer bytes for this model: SDPA keeps no score matrix (as selective
-    recompute), fp32 activations double the 2-byte terms (approximation: masks stay 1 byte)."""
+    recompute), fp32 activations double every term, dropout masks included (the formula's
+    1-byte masks become 2; on a GPU torch saves 1-byte masks, on the CPU a 4-byte noise tensor in
+    fp32, which puts CPU measurements ~13% above at dropout 0.1: docs/memory_levers.md)."""
     mode = "selective" if s.flash and recompute == "none" else recompute
     return korthikanti(s.seq, micro, s.hidden, s.heads, tp, sp, mode) * (w / 2)
 
 
-def head_bytes(s: Shape, micro: int, tp: int) -> float:
-    """Last stage: fp32 logits and their softmax for the loss, 4 bytes each per logit / tp."""
+def stage_activations(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int,
+                      layers: int, method: str = "uniform", group: int = 1) -> float:
+    """Activation bytes one model chunk of ``layers`` layers keeps per micro-batch until its
+    backward. Full recompute, ``uniform``: each group of ``group`` layers keeps its input only
+    (``ceil(layers / group)`` layer inputs); ``block``: the first ``group`` layers keep their
+    input, the others all their activations (as ``none``)."""
+    if recompute != "full":
+        return layers * layer_activations(s, micro, tp, sp, recompute, w)
+    inputs = layer_activations(s, micro, tp, sp, "full", w)
+    if method == "block":
+        done = recomputed_layers(layers, recompute, method, group)
+        return done * inputs + (layers - done) * layer_activations(s, micro, tp, sp, "none", w)
+    return -(-layers // max(1, group)) * inputs if layers else 0.0
+
+
+def recompute_transient(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int,
+                        layers: int, method: str = "uniform", group: int = 1) -> float:
+    """Bytes full recompute rebuilds for one micro-batch during backward on top of what is
+    kept: one checkpointed group's activations (uniform: ``group`` layers at once, block: one
+    layer at a time)."""
+    done = recomputed_layers(layers, recompute, method, group)
+    if not done:
+        return 0.0
+    at_once = 1 if method == "block" else min(max(1, group), layers)
+    return at_once * layer_activations(s, micro, tp, sp, "none", w)
+
+
+def head_bytes(s: Shape, micro: int, tp: int, sp: bool = False, w: int = 2) -> float:
+    """Last stage, saved for backward: the fp32 logits (megatron's vocab-parallel cross-entropy
+    computes the softmax in place, so one 4-byte tensor per logit / tp) and three hidden-sized
+    tensors at the ends (embedding dropout, final norm input, output layer input; /tp with
+    sequence parallelism). Measured on the CPU by ``bench/memory_levers.py``."""
     positions, outputs = logits(s)
-    return 2 * 4 * positions * micro * outputs / tp
+    ends = 3 * s.seq * micro * s.hidden * w / (tp if sp else 1)
+    return 4 * positions * micro * outputs / tp + ends

@@ -21,15 +21,16 @@ from mptk.plan.cost import (
     Tensors,
     head_bytes,
     largest_layer,
-    layer_activations,
     numel,
     param_groups,
+    recompute_transient,
+    stage_activations,
     stage_tensors,
     tensor_count,
 )
 
 __all__ = ["Choice", "Memory", "States", "Training", "buffers", "in_flight", "interleave_factor",
-           "model_states", "rank_layers", "rank_memory", "training_of", "worst_memory",
+           "model_states", "rank_activations", "rank_layers", "rank_memory", "training_of", "worst_memory",
            "zero_paper"]
 
 
@@ -51,6 +52,10 @@ class Training:
     offload_params: bool = False
     sub_group: int = 1_000_000_000
     """ZeRO-3 ``sub_group_size`` (DeepSpeed default)."""
+    recompute_method: str = "uniform"
+    """``train.recompute_method`` (which layers ``recompute=full`` recomputes)."""
+    recompute_layers: int = 1
+    """``train.recompute_layers``: group size (uniform) or layers per model chunk (block)."""
 
 
 def training_of(cfg: RunConfig) -> Training:
@@ -62,7 +67,9 @@ def training_of(cfg: RunConfig) -> Training:
         global_batch=cfg.train.global_batch_size, reduce_bucket=int(z.reduce_bucket_size),
         overlap_comm=bool(z.overlap_comm), persistence=int(z.stage3_param_persistence_threshold),
         offload_optimizer=bool(z.offload_optimizer), offload_params=bool(z.offload_params),
-        sub_group=int(extra.get("sub_group_size", 1_000_000_000)))
+        sub_group=int(extra.get("sub_group_size", 1_000_000_000)),
+        recompute_method=cast(str, value(cfg.train.recompute_method)),
+        recompute_layers=int(cfg.train.recompute_layers))
 
 
 @dataclass(slots=True)
@@ -252,16 +259,27 @@ class Choice:
         return max(1, global_batch // (self.micro * self.dp))
 
 
+def rank_activations(sh: Shape, c: Choice, tr: Training, chunks: list[int], held: float) -> float:
+    """Activation bytes of a pipeline rank holding model chunks of ``chunks`` layers: each
+    chunk's kept bytes per micro-batch (recompute applies per chunk, as megatron's
+    ``recompute_method`` per transformer block) x the ``held`` micro-batches, plus what full
+    recompute rebuilds for the one micro-batch in backward (largest chunk)."""
+    args = (sh, c.micro, c.tp, c.sp, c.recompute, tr.w)
+    how = (tr.recompute_method, tr.recompute_layers)
+    kept = sum(stage_activations(*args, n, *how) for n in chunks)
+    return kept * held + max((recompute_transient(*args, n, *how) for n in chunks), default=0.0)
+
+
 def rank_memory(sh: Shape, c: Choice, tr: Training, counts: list[int], rank: int,
                 reserve: float) -> Memory:
     """Memory of pipeline rank ``rank`` (``counts``: layers per virtual stage)."""
     first, last = rank == 0, rank == c.pp - 1
     layers = rank_layers(counts, c.pp, rank)
     t = stage_tensors(sh, c.tp, layers, first, last, c.pp)
-    per_layer = layer_activations(sh, c.micro, c.tp, c.sp, c.recompute, tr.w)
     held = in_flight(c.pp, c.grad_acc(tr.global_batch), rank) * interleave_factor(c.pp, c.vpp)
-    return Memory(states=model_states(t, c.dp, c.zero, tr), activations=layers * per_layer * held,
-                  head=head_bytes(sh, c.micro, c.tp) if last else 0.0,
+    return Memory(states=model_states(t, c.dp, c.zero, tr),
+                  activations=rank_activations(sh, c, tr, counts[rank::c.pp], held),
+                  head=head_bytes(sh, c.micro, c.tp, c.sp, tr.w) if last else 0.0,
                   buffers=buffers(c.zero, tr, numel(t), largest_layer(sh, c.tp), c.dp),
                   reserve=reserve, rank=rank, params=numel(t), layers=layers, micro_batches=held)
 

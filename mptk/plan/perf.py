@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mptk.plan.cost import Shape, hardware_flops, model_flops, numel, stage_tensors
+from mptk.plan.cost import (
+    Shape,
+    hardware_flops,
+    model_flops,
+    numel,
+    recomputed_layers,
+    stage_tensors,
+)
 from mptk.plan.hardware import LOCAL_ATTENTION, Cluster
 from mptk.plan.memory import Choice, Training, rank_layers
 
@@ -56,13 +63,14 @@ def link(cluster: Cluster, span: int) -> tuple[float, float]:
     return cluster.gpu.ib, LATENCY_IB
 
 
-def tp_comm(sh: Shape, c: Choice, tr: Training, cluster: Cluster, layers: int, m: int) -> float:
+def tp_comm(sh: Shape, c: Choice, tr: Training, cluster: Cluster, layers: int, m: int,
+            recomputed: int = 0) -> float:
     """Seconds of tensor-parallel all-reduces per step on one GPU: 2 forward + 2 backward per
-    layer and micro-batch (+2 with full recompute); sequence parallel swaps each for a
-    reduce-scatter + all-gather of the same volume."""
+    layer and micro-batch (+2 per ``recomputed`` layer: its forward reruns); sequence parallel
+    swaps each for a reduce-scatter + all-gather of the same volume."""
     if c.tp <= 1:
         return 0.0
-    count = layers * m * (6 if c.recompute == "full" else 4)
+    count = (4 * layers + 2 * recomputed) * m
     bw, lat = link(cluster, c.tp)
     size = c.micro * sh.seq * sh.hidden * tr.w
     return count * (lat + ring_bytes(size, c.tp, "all_reduce") / bw)
@@ -135,11 +143,15 @@ def estimate(sh: Shape, c: Choice, tr: Training, cluster: Cluster, counts: list[
              efficiency: float) -> Timing:
     """Step time and throughput of layout ``c`` (``counts``: layers per virtual stage)."""
     m, world = c.grad_acc(tr.global_batch), cluster.world
-    layers = max(rank_layers(counts, c.pp, r) for r in range(c.pp))
+    worst = max(range(c.pp), key=lambda r: rank_layers(counts, c.pp, r))
+    layers = rank_layers(counts, c.pp, worst)
     imbalance = layers * c.pp / sh.layers
-    compute = hardware_flops(sh, tr.global_batch, c.recompute) / world * imbalance / rate(
+    recomputed = sum(recomputed_layers(n, c.recompute, tr.recompute_method, tr.recompute_layers)
+                     for n in counts[worst::c.pp])
+    share = recomputed / layers if layers else 1.0
+    compute = hardware_flops(sh, tr.global_batch, c.recompute, share) / world * imbalance / rate(
         sh, c, cluster, efficiency)
-    tp = tp_comm(sh, c, tr, cluster, layers, m)
+    tp = tp_comm(sh, c, tr, cluster, layers, m, recomputed)
     bubble = (compute + tp) * bubble_overhead(c.pp, m, c.vpp)
     params = numel(stage_tensors(sh, c.tp, layers, True, c.pp == 1, c.pp))
     dp = dp_comm(c, tr, cluster, params, m)

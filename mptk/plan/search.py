@@ -12,11 +12,11 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Optional
 
 from mptk.config import registry
-from mptk.config.schema import RunConfig
-from mptk.plan import PLANNER_ONLY, RESERVE, Plan, make_plan
+from mptk.config.schema import Recompute, RunConfig
+from mptk.plan import RESERVE, Plan, choice_of, make_plan
 from mptk.plan.cost import Shape, shape_of
 from mptk.plan.hardware import EFFICIENCY, Cluster
 from mptk.plan.memory import Choice, Training, training_of
@@ -25,27 +25,28 @@ from mptk.plan.partition import even_split
 VPP = (2, 3, 4, 6, 8)
 """Model chunks per pipeline rank tried with the interleaved schedule."""
 RECOMPUTE = ("none", "selective", "full")
+"""``train.recompute`` values tried (method and layers of ``full`` stay the config's)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Knobs:
-    """Which optional knobs the search varies: vpp (``parallel.vpp``) always, the
-    :data:`~mptk.plan.PLANNER_ONLY` ones only when asked (``--all-knobs``)."""
+    """Which optional knobs the search varies: vpp (``parallel.vpp``), recomputation
+    (``train.recompute``) and sequence parallelism (``parallel.sp``, at tp > 1)."""
 
     vpp: bool = True
-    recompute: bool = False
-    sp: bool = False
+    recompute: bool = True
+    sp: bool = True
     pipeline: bool = True
     """The recipe has a pipeline forward (pp > 1 possible)."""
 
 
-def knobs_of(cfg: RunConfig, all_knobs: bool = False) -> Knobs:
+def knobs_of(cfg: RunConfig) -> Knobs:
     """The knobs to search for ``cfg``'s recipe (pp > 1 needs its pipeline forward)."""
     try:
         pipeline = registry.get(cfg.model.recipe).forward is not None
     except KeyError:
         pipeline = False
-    return Knobs(vpp=True, recompute=all_knobs, sp=all_knobs, pipeline=pipeline)
+    return Knobs(pipeline=pipeline)
 
 
 def divisors(n: int) -> list[int]:
@@ -67,12 +68,13 @@ def _vpp_options(sh: Shape, pp: int, knobs: Knobs) -> list[int]:
     return [1] + [v for v in VPP if pp * v <= sh.layers]
 
 
-def _inner(c: Choice, global_batch: int, knobs: Knobs) -> Iterator[Choice]:
-    """Micro-batch, ZeRO stage, recomputation and sequence parallelism for one (tp, pp, vpp)."""
+def _inner(c: Choice, global_batch: int, knobs: Knobs, asked: Choice) -> Iterator[Choice]:
+    """Micro-batch, ZeRO stage, recomputation and sequence parallelism for one (tp, pp, vpp);
+    a knob not searched stays as the config has it (``asked``)."""
     per_rank = global_batch // c.dp
     zeros = (0, 1, 2, 3) if c.pp == 1 else (0, 1)
-    recomputes = RECOMPUTE if knobs.recompute else ("none",)
-    sps = (False, True) if knobs.sp and c.tp > 1 else (False,)
+    recomputes = RECOMPUTE if knobs.recompute else (asked.recompute,)
+    sps = (False, True) if knobs.sp and c.tp > 1 else (asked.sp and c.tp > 1,)
     for micro in divisors(per_rank):
         for zero in zeros:
             for rc in recomputes:
@@ -104,6 +106,11 @@ def model_problems(sh: Shape, c: Choice) -> list[str]:
     if sh.vocab and sh.vocab % c.tp:  # vocabulary-parallel embedding / output layer
         problems.append("tp does not divide the vocabulary")
     return problems
+
+
+def sp_problems(sh: Shape, c: Choice) -> list[str]:
+    """Reasons sequence parallelism cannot split the sequence (mirrors the preflight)."""
+    return ["sequence parallel needs seq % tp == 0"] if c.sp and sh.seq % c.tp else []
 
 
 def batch_problems(c: Choice, global_batch: int) -> list[str]:
@@ -162,14 +169,14 @@ def search(cfg: RunConfig, cluster: Cluster, knobs: Optional[Knobs] = None, top:
            efficiency: float = EFFICIENCY, reserve: float = RESERVE) -> Result:
     """All layouts of ``cfg``'s model and batch on ``cluster``, best tokens/s first."""
     sh, tr, knobs = shape_of(cfg.model), training_of(cfg), knobs or knobs_of(cfg)
-    result = Result()
+    result, asked = Result(), choice_of(cfg, cluster.world)
     for base in grid(sh, cluster, knobs):
         problems = model_problems(sh, base) + batch_problems(base, tr.global_batch)
         if problems:
             result.reject(problems[0], base)
             continue
-        for c in _inner(base, tr.global_batch, knobs):
-            late = schedule_problems(c, tr.global_batch)
+        for c in _inner(base, tr.global_batch, knobs, asked):
+            late = schedule_problems(c, tr.global_batch) + sp_problems(sh, c)
             if late:
                 result.reject(late[0], c)
                 continue
@@ -184,13 +191,15 @@ def search(cfg: RunConfig, cluster: Cluster, knobs: Optional[Knobs] = None, top:
 
 
 def overrides(cfg: RunConfig, c: Choice, cluster: Optional[Cluster] = None) -> list[str]:
-    """The command-line overrides that select layout ``c`` (and the cluster size); the
-    :data:`~mptk.plan.PLANNER_ONLY` knobs are given as ``# knob=value`` notes."""
+    """The command-line overrides that select layout ``c`` (and the cluster size);
+    ``parallel.vpp``, ``train.recompute`` and ``parallel.sp`` only where they differ from
+    ``cfg``."""
+    asked = choice_of(cfg, c.tp * c.pp * c.dp)
     out = [f"parallel.tp={c.tp}", f"parallel.pp={c.pp}", *_vpp(cfg, c.vpp)]
     out += [f"zero.stage={c.zero}", f"train.micro_batch_size={c.micro}"]
-    out += _note("recompute", c.recompute) + _note("sp", str(c.sp).lower())
-    out += _cluster(cluster) if cluster else []
-    return sorted(out, key=lambda o: o.startswith("#"))  # notes last: '#' ends a shell line
+    out += [f"train.recompute={c.recompute}"] if c.recompute != asked.recompute else []
+    out += [f"parallel.sp={str(c.sp).lower()}"] if c.sp != asked.sp else []
+    return out + (_cluster(cluster) if cluster else [])
 
 
 def _vpp(cfg: RunConfig, vpp: int) -> list[str]:
@@ -198,13 +207,6 @@ def _vpp(cfg: RunConfig, vpp: int) -> list[str]:
     if vpp == 1 and cfg.parallel.vpp in (None, 1):
         return []
     return [f"parallel.vpp={'null' if vpp == 1 else vpp}"]
-
-
-def _note(knob: str, value: Any) -> list[str]:
-    """A planner-only knob away from its default, as a shell comment."""
-    if value == PLANNER_ONLY[knob]:
-        return []
-    return [f"# {knob}={value} (mptk has no config key for it yet)"]
 
 
 def _cluster(cluster: Cluster) -> list[str]:
@@ -219,5 +221,6 @@ def configured(cfg: RunConfig, c: Choice, world: int) -> RunConfig:
     cfg.parallel.tp, cfg.parallel.pp = c.tp, c.pp
     cfg.parallel.vpp = c.vpp if c.vpp > 1 else None
     cfg.zero.stage, cfg.train.micro_batch_size = c.zero, c.micro
+    cfg.train.recompute, cfg.parallel.sp = Recompute(c.recompute), c.sp
     cfg.launcher.nproc_per_node = world
     return cfg

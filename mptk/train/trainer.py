@@ -101,7 +101,9 @@ def model_context(cfg: RunConfig, layout: Layout, vp_stage, backend: str) -> reg
     return registry.ModelContext(
         tp=layout.tp, pp=layout.pp, dtype=cfg.train.dtype, vp_stage=vp_stage,
         pre_process=groups.is_first_stage(vp_stage), post_process=groups.is_last_stage(vp_stage),
-        stage_layers=list(layout.stage_layers) or None, batch_p2p=backend != "gloo")
+        stage_layers=list(layout.stage_layers) or None, batch_p2p=backend != "gloo",
+        sp=layout.sp, recompute=cfg.train.recompute, recompute_method=cfg.train.recompute_method,
+        recompute_layers=cfg.train.recompute_layers)
 
 
 def build_model(recipe: registry.Recipe, cfg: RunConfig, layout: Layout, device,

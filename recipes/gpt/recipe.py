@@ -28,9 +28,11 @@ class GPTConfig(ModelConfig):
 
 def build(cfg: GPTConfig, ctx: registry.ModelContext) -> GPTModel:
     """This stage's part of the GPT (the whole model at pp=1)."""
+    config = megatron.config_for(cfg, ctx)
+    spec = megatron.layer_spec(cfg, sp=ctx.sp)
     return GPTModel(
-        config=megatron.config_for(cfg, ctx),
-        transformer_layer_spec=megatron.layer_spec(cfg),
+        config=config,
+        transformer_layer_spec=megatron.block_spec(config, spec, ctx.vp_stage) if ctx.sp else spec,
         vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
         pre_process=ctx.pre_process, post_process=ctx.post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings,

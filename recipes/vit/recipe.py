@@ -174,7 +174,9 @@ def eval_summary(sums: dict) -> dict:
 
 def checks(cfg: RunConfig) -> list[str]:
     """ViT-specific preflight lines."""
-    return [*_image_checks(cfg.model), *_layout_checks(cfg), *_data_checks(cfg)]
+    sp = ["model.recipe=vit: parallel.sp=true is not supported (its class-token sequence is not "
+          "split over tp); set parallel.sp=false"] if cfg.parallel.sp else []
+    return [*_image_checks(cfg.model), *_layout_checks(cfg), *_data_checks(cfg), *sp]
 
 
 def _image_checks(m: ViTConfig) -> list[str]:

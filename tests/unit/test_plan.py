@@ -243,3 +243,74 @@ def test_storage_bytes_counts_views_once():
     flat = torch.zeros(100)
     views = [flat[:40], flat[40:], torch.empty(3, device="meta"), torch.zeros(0)]
     assert measure.storage_bytes(views) == 400
+
+
+# --------------------------------------------------------------------------- recompute, sp
+
+
+def test_stage_activations_by_recompute_method():
+    """Full recompute per model chunk: uniform keeps one layer input per group of
+    recompute_layers layers, block keeps inputs on the first k layers and everything on the rest."""
+    sh = cost.Shape("gpt", layers=5, hidden=1024, heads=16, kv_heads=16, ffn=4096, seq=2048,
+                    vocab=51200, flash=False)
+    args = (sh, 2, 2, True)
+    inputs = cost.layer_activations(*args, "full", 2)
+    kept = cost.layer_activations(*args, "none", 2)
+    assert inputs == 2 * 2048 * 2 * 1024 / 2  # 2sbh/t
+    assert cost.stage_activations(*args, "none", 2, 5) == 5 * kept
+    assert cost.stage_activations(*args, "selective", 2, 5) == 5 * cost.layer_activations(
+        *args, "selective", 2)
+    assert cost.stage_activations(*args, "full", 2, 5) == 5 * inputs  # uniform, 1 layer a group
+    assert cost.stage_activations(*args, "full", 2, 5, "uniform", 2) == 3 * inputs  # ceil(5/2)
+    assert cost.stage_activations(*args, "full", 2, 5, "block", 2) == 2 * inputs + 3 * kept
+    assert cost.stage_activations(*args, "full", 2, 5, "block", 9) == 5 * inputs
+    assert cost.recompute_transient(*args, "full", 2, 5, "uniform", 2) == 2 * kept
+    assert cost.recompute_transient(*args, "full", 2, 5, "block", 2) == kept
+    assert cost.recompute_transient(*args, "selective", 2, 5) == 0
+    assert [cost.recomputed_layers(5, r, m, 2) for r, m in
+            (("full", "uniform"), ("full", "block"), ("selective", "uniform"), ("none", "block"))
+            ] == [5, 2, 0, 0]
+
+
+def test_plan_reads_recompute_and_sp(big):
+    """train.recompute / recompute_method / recompute_layers and parallel.sp are config fields:
+    the plan of a config uses them; block recompute sits between none and full in memory and
+    between them in executed FLOPs (step time)."""
+    base = ["model=gpt_1p3b", "train.dtype=bf16", "train.micro_batch_size=4",
+            "train.global_batch_size=512", "parallel.tp=2", "parallel.pp=2", "zero=zero1"]
+    cluster = Cluster(4, 8, gpu("h100"))
+    plans = {name: plan(compose(base + extra), cluster) for name, extra in {
+        "none": [], "sp": ["parallel.sp=true"],
+        "full": ["train.recompute=full"],
+        "block": ["train.recompute=full", "train.recompute_method=block", "train.recompute_layers=4"],
+    }.items()}
+    assert plans["sp"].choice.sp and plans["full"].choice.recompute == "full"
+    assert plans["block"].training.recompute_method == "block"
+    act = {k: p.memory.activations for k, p in plans.items()}
+    assert act["sp"] < act["none"] and act["full"] < act["block"] < act["none"]
+    step = {k: p.timing.compute for k, p in plans.items()}
+    assert step["none"] < step["block"] < step["full"]
+
+
+def test_search_varies_recompute_and_sp_by_default(big):
+    knobs = s.knobs_of(big)
+    assert knobs.recompute and knobs.sp
+    tried = list(s._inner(Choice(tp=2, pp=1, dp=4), 8, knobs, choice_of(big, 8)))
+    assert {(c.recompute, c.sp) for c in tried} == {(r, sp) for r in s.RECOMPUTE for sp in (0, 1)}
+    assert {c.sp for c in s._inner(Choice(tp=1, pp=1, dp=8), 8, knobs, choice_of(big, 8))} == {False}
+
+
+def test_overrides_set_recompute_and_sp(big):
+    """Real overrides, only where the layout differs from the config; composing them back
+    gives the layout."""
+    c = Choice(tp=2, pp=1, dp=256, zero=1, micro=2, recompute="selective", sp=True)
+    extra = s.overrides(big, c)
+    assert "train.recompute=selective" in extra and "parallel.sp=true" in extra
+    assert not any(o.startswith("#") for o in extra)
+    again = compose(["model=gpt_1p3b", "train.dtype=bf16", "train.global_batch_size=512", *extra])
+    assert choice_of(again, 512) == c
+    assert not any("recompute" in o or "sp=" in o for o in s.overrides(again, c))
+    back = s.overrides(again, Choice(tp=2, pp=1, dp=256, zero=1, micro=2))
+    assert "train.recompute=none" in back and "parallel.sp=false" in back
+    cfg = s.configured(big, c, 512)
+    assert cfg.train.recompute.value == "selective" and cfg.parallel.sp is True

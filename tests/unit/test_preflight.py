@@ -13,6 +13,7 @@ from mptk.config.schema import (
     DType,
     OptimConfig,
     ParallelConfig,
+    Recompute,
     RunConfig,
     TrainConfig,
     ZeroConfig,
@@ -149,6 +150,14 @@ BAD = {
         {"model.recipe": "nope"}, 4, False,
         ["model.recipe='nope' is not a registered recipe", "gpt"],
     ),
+    "sp at tp=1": ({"parallel.sp": True, "parallel.tp": 1}, 4, False,
+                   ["parallel.sp=true needs parallel.tp >= 2 (got tp(1))"]),
+    "sp seq%tp": ({"parallel.sp": True, "model.seq_length": 127}, 4, False,
+                  ["model.seq_length(127) is not divisible by parallel.tp(2)"]),
+    "recompute_layers<1": ({"train.recompute": Recompute.full, "train.recompute_layers": 0}, 4, False,
+                           ["train.recompute_layers(0) must be >= 1"]),
+    "recompute_layers>layers": ({"train.recompute": Recompute.full, "train.recompute_layers": 5}, 4,
+                                False, ["train.recompute_layers(5) > model.num_layers(4)"]),
 }
 
 
@@ -183,6 +192,8 @@ def test_every_problem_is_reported_at_once():
         ({"parallel.tp": 1}, 1, Layout(tp=1, pp=1, dp=1, grad_acc=2, world=1)),
         ({"parallel.tp": 4, "zero.stage": 3, "zero.offload_params": True}, 8,
          Layout(tp=4, pp=1, dp=2, grad_acc=1, world=8)),
+        ({"parallel.sp": True, "train.recompute": Recompute.selective}, 4,
+         Layout(tp=2, pp=1, dp=2, grad_acc=1, world=4, sp=True)),
     ],
 )
 def test_good_config_returns_its_layout(changes, world, expected):

@@ -139,7 +139,7 @@ def single_process_world(seed: int) -> None:
     """A one-rank gloo world with tp=1 pp=1 on the CPU."""
     import torch
 
-    from mptk.launch.local import free_port
+    from mptk.launch.runner import free_port
     from mptk.parallel import groups
     from mptk.parallel.env import DistEnv
 

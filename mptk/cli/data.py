@@ -54,7 +54,7 @@ def cmd_tokenizer(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.source:
-        tok = preprocess.load_tokenizer(args.source)
+        tok = tokenizer.load(args.source)
         tok.save(str(out / "tokenizer.json"))
         _say(f"imported {args.source}")
     else:
@@ -76,7 +76,7 @@ def _inputs(args) -> list[str]:
 
 
 def cmd_preprocess(args) -> None:
-    tok = preprocess.load_tokenizer(args.tokenizer)
+    tok = tokenizer.load(args.tokenizer)
     summary = preprocess.preprocess_files(
         _inputs(args), tok, args.output_prefix, json_key=args.json_key,
         eod_token=args.eod_token, workers=args.workers,

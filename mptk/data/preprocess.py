@@ -26,9 +26,6 @@ from tokenizers import Tokenizer
 
 from mptk.data import tokenizer as bpe
 
-load_tokenizer = bpe.load
-"""The package's one tokenizer loader, under the name ``mptk-data`` calls it by."""
-
 JSONL_SUFFIXES = (".jsonl", ".json")
 """Files read as one JSON document a line; any other file is one plain-text document."""
 

@@ -8,7 +8,6 @@ import signal
 from mptk.config.schema import RunConfig
 from mptk.exitcodes import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE
 from mptk.launch import runner
-from mptk.launch.runner import free_port  # noqa: F401 - mptk-ckpt's one-rank world uses it
 from mptk.log.noise import quiet
 
 # A spawned worker imports this module first (it holds the process target), before the

@@ -145,20 +145,22 @@ def measure(env, cfg, steps: int) -> dict:
 
 
 def planner(cfg, recompute: str, sp: bool) -> dict:
-    """The planner's activation bytes on one rank, one micro-batch, pp=1."""
+    """The planner's activation bytes on one rank, one micro-batch, pp=1, for this CPU: torch
+    keeps dropout's scaled noise in the activation dtype here (``mask = w``), no mask at
+    dropout 0."""
+    import dataclasses
+
     from mptk.plan import cost, memory
 
     sh = cost.shape_of(cfg.model)
     tr = memory.training_of(cfg)
+    dropout = max(cfg.model.hidden_dropout, cfg.model.attention_dropout)
+    tr = dataclasses.replace(tr, mask=tr.w if dropout > 0 else 0)
     c = memory.Choice(tp=cfg.parallel.tp, pp=1, dp=1, micro=cfg.train.micro_batch_size,
                       recompute=recompute, sp=sp)
     m = memory.rank_memory(sh, c, tr, [sh.layers], 0, reserve=0.0)
-    if hasattr(cost, "stage_activations"):  # what the layers keep until backward
-        kept = cost.stage_activations(sh, c.micro, c.tp, sp, recompute, tr.w, sh.layers,
-                                      getattr(tr, "recompute_method", "uniform"),
-                                      getattr(tr, "recompute_layers", 1))
-    else:
-        kept = sh.layers * cost.layer_activations(sh, c.micro, c.tp, sp, recompute, tr.w)
+    kept = cost.stage_activations(sh, c.micro, c.tp, sp, recompute, tr.w, sh.layers,
+                                  tr.recompute_method, tr.recompute_layers, mask=tr.mask)
     # rank_memory's activations may add what full recompute rebuilds in backward (a peak
     # after the forward, not saved by it): shown apart, not compared
     return {"layers": kept, "head": m.head, "total": kept + m.head,

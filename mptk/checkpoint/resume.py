@@ -21,12 +21,14 @@ from typing import Optional
 import torch
 
 from mptk.checkpoint import format as fmt
-from mptk.checkpoint import state
+from mptk.checkpoint import hf, state
 from mptk.checkpoint.format import CheckpointError
 from mptk.checkpoint.ranks import from_rank0, rank, say, warn
 from mptk.config.checks import checkpoint_problems
 
 RESUME, INIT_FROM, FRESH = "resume", "init_from", "fresh"
+INIT_FROM_HF = "init_from_hf"
+"""Weights only, from a Hugging Face folder (``train.init_from=hf:DIR``)."""
 RESUME_KEYS = ("tp", "pp", "vpp", "dp", "zero_stage", "dtype", "global_batch_size")
 """What must match for a full resume (DeepSpeed's optimizer state is not reshardable here)."""
 
@@ -84,7 +86,13 @@ def decide(resume: str, init_from: Optional[str], own: Sequence[Path],
 def decide_for(cfg) -> Decision:
     """:func:`decide` for a run config, reading ``cfg.run_dir`` now."""
     own = fmt.candidates(fmt.checkpoints_dir(cfg.run_dir))
-    return decide(cfg.train.resume, cfg.train.init_from, own)
+    if hf.hf_dir(cfg.train.init_from) is None:
+        return decide(cfg.train.resume, cfg.train.init_from, own)
+    decision = decide(cfg.train.resume, None, own)
+    if decision.source != FRESH or decision.problems:
+        return decision
+    return Decision(INIT_FROM_HF, setting=f"train.init_from={cfg.train.init_from}",
+                    problems=tuple(hf.problems(cfg, cfg.train.init_from)))
 
 
 def layout_problem(folder: Path, saved: dict, now: dict) -> Optional[str]:
@@ -177,6 +185,11 @@ def prepare(cfg, layout, model: torch.nn.Module) -> Plan:
         say(f"initialised weights from {plan.folder} (step {plan.meta.get('step')}); "
             f"fresh optimizer")
         return Plan(warnings=plan.warnings)
+    elif decision.source == INIT_FROM_HF:
+        folder = hf.hf_dir(cfg.train.init_from)
+        assert folder is not None  # decide_for() chose INIT_FROM_HF from it
+        hf.load_into(state.chunks_of(model), cfg.model, folder)
+        say(f"initialised weights from the Hugging Face folder {folder}; fresh optimizer")
     return plan
 
 

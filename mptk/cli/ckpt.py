@@ -3,6 +3,7 @@
     mptk-ckpt inspect outputs/run                   # newest checkpoint of a run dir
     mptk-ckpt inspect outputs/run/checkpoints/step_00000300 optim.lr=3e-4   # config diff vs now
     mptk-ckpt export outputs/run --out gpt.pt       # one fp32 state dict at tp=1 pp=1
+    mptk-ckpt export --format hf outputs/run hf/    # a Hugging Face folder (transformers loads it)
 
 PATH is a checkpoint, a ``checkpoints`` dir or a run dir (then its newest intact checkpoint).
 """
@@ -29,9 +30,15 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("path")
     ins.add_argument("overrides", nargs="*", help="Hydra overrides composing 'now' for the diff")
     ins.add_argument("--no-verify", action="store_true", help="skip hashing (sizes only)")
-    exp = sub.add_parser("export", help="consolidated fp32 state dict of the full model")
+    exp = sub.add_parser("export", help="consolidated fp32 state dict, or a Hugging Face folder")
     exp.add_argument("path")
-    exp.add_argument("--out", required=True, help="file to write (torch.save of a dict)")
+    exp.add_argument("out_dir", nargs="?", help="--format hf: the folder to write")
+    exp.add_argument("--out", help="--format pt: file to write (torch.save of a dict)")
+    exp.add_argument("--format", choices=("pt", "hf"), default="pt",
+                     help="pt: one torch state dict; hf: config.json, model.safetensors, "
+                          "tokenizer, generation_config.json (Llama- or GPT-2-style)")
+    exp.add_argument("--tokenizer", help="--format hf: tokenizer.json to ship (default: the "
+                                         "run's own, from its data cache)")
     return top
 
 
@@ -160,17 +167,59 @@ def full_model(cfg):
     return build_model(registry.get(cfg.model.recipe), cfg, layout, torch.device("cpu"), "gloo")
 
 
-def cmd_export(args) -> None:
+def consolidated(folder: Path):
+    """(run config, the full model's fp32 state dict at tp=1 pp=1) of checkpoint ``folder``
+    saved at any tp/pp/vpp (dist-checkpointing reshards); starts a one-rank world."""
     import torch
 
-    folder = find(args.path)
     cfg = typed_config(ck.read_json(folder / ck.CONFIG))
-    cfg.parallel.tp, cfg.parallel.pp = 1, 1
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp = 1, 1, None
     single_process_world(cfg.train.seed)
     model = full_model(cfg)
     load_weights([model], folder)
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items()
              if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    return cfg, state
+
+
+def export_problems(args) -> list[str]:
+    if args.format == "hf" and not (args.out_dir or args.out):
+        return ["export --format hf: give the output folder (mptk-ckpt export --format hf SRC OUT)"]
+    if args.format == "pt" and not args.out:
+        return ["export: give --out FILE (or --format hf SRC OUT for a Hugging Face folder)"]
+    return []
+
+
+def cmd_export_hf(args, folder: Path) -> None:
+    from mptk.checkpoint import hf, hf_names
+
+    saved = typed_config(ck.read_json(folder / ck.CONFIG))
+    fam, problems = hf_names.family(saved.model)
+    if fam is None:  # before any process group or model exists
+        raise CliError("; ".join(problems))
+    tokenizer = Path(args.tokenizer) if args.tokenizer else hf.run_tokenizer(saved)
+    if tokenizer is None or not tokenizer.is_file():
+        raise CliError(f"--tokenizer: no tokenizer.json for {folder} (its data cache "
+                       f"{saved.data.cache_dir} lacks it); pass --tokenizer PATH")
+    cfg, state = consolidated(folder)
+    out = Path(args.out_dir or args.out)
+    hf.export(state, cfg.model, out, tokenizer)
+    count = sum(v.numel() for v in state.values())
+    print(f"mptk-ckpt: wrote {out}: {fam.value} ({count:,} parameters, fp32) from {folder}; "
+          f"tokenizer {tokenizer}", flush=True)
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    problems = export_problems(args)
+    if problems:
+        raise CliError(problems[0])
+    folder = find(args.path)
+    if args.format == "hf":
+        cmd_export_hf(args, folder)
+        return
+    _, state = consolidated(folder)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, args.out)
     count = sum(v.numel() for v in state.values())

@@ -10,6 +10,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from mptk.config.checks import clamp_warmup
 from mptk.config.load import ConfigError, compose, compose_cfg, conf_dir, to_run_config
 from mptk.config.schema import RunConfig
 from mptk.config.store import register_schemas
@@ -23,11 +24,19 @@ def checked(dcfg: DictConfig) -> tuple[RunConfig, int]:
     return check_all(to_run_config(dcfg), HydraConfig.get().runtime.output_dir)
 
 
+_WARNED: set[str] = set()
+
+
 def check_all(cfg: RunConfig, run_dir: str) -> tuple[RunConfig, int]:
-    """Layout, memory and checkpoint checks of ``cfg`` run in ``run_dir``."""
+    """Layout, memory and checkpoint checks of ``cfg`` run in ``run_dir``, after the
+    adjustments that only warn (each warning printed once, by the launcher or rank 0)."""
     cfg.run_dir = run_dir
     env = detect()
     world = env.world_size if env else cfg.launcher.nproc_per_node
+    note = clamp_warmup(cfg)
+    if note and note not in _WARNED and (env is None or env.rank == 0):
+        _WARNED.add(note)
+        print(f"mptk: warning: {note}", file=sys.stderr, flush=True)
     startup(cfg, world, torch.cuda.is_available())
     return cfg, world
 

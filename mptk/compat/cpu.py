@@ -67,6 +67,9 @@ PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.models.vision.clip_vit_model",
           "torch.arange(self.seq_length).expand(1, -1).cuda()",
           "CLIPViTModel puts its position ids on CUDA when built (ViT recipe: device_scope)"),
+    Patch("megatron.core.models.common.embeddings.rope_utils",
+          'device="cpu", pin_memory=True\n    ).cuda(non_blocking=True)',
+          "RoPE at context parallelism picks this cp rank's chunks with a pinned CUDA index"),
 )
 
 
@@ -136,6 +139,59 @@ def _cpu_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """megatron's ``get_pos_emb_on_this_cp_rank`` with a plain CPU index (same chunks: rank r
+    keeps r and 2cp-1-r of 2cp), since pinned memory needs an accelerator."""
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    shape = pos_emb.shape
+    pos_emb = pos_emb.view(*shape[:seq_dim], 2 * cp_size, -1, *shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, index)
+    return pos_emb.reshape(*shape[:seq_dim], -1, *shape[seq_dim + 1:])
+
+
+TESTED_MEGATRON = "0.16.1"
+"""The megatron-core release whose call sites ``PATCHES`` and :func:`activate` were checked against."""
+
+REPLACED: tuple[tuple[str, str], ...] = (
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER"),
+    ("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER_INITIALIZED"),
+    ("megatron.core.models.common.embeddings.rotary_pos_embedding", "get_pos_emb_on_this_cp_rank"),
+)
+"""Module attributes :func:`activate` replaces: assigning a missing one would silently do nothing."""
+
+
+class CompatError(RuntimeError):
+    """The installed megatron-core lacks a call site this layer redirects."""
+
+
+def check_call_sites() -> None:
+    """Raise :class:`CompatError` (one line: what is missing, the versions, the fix) when a
+    replaced attribute or a ``PATCHES`` call site is not in the installed megatron-core."""
+    import importlib
+    import inspect
+
+    for module, name in REPLACED:
+        if not hasattr(importlib.import_module(module), name):
+            raise CompatError(_missing(f"{module}.{name}"))
+    for patch in PATCHES:
+        if patch.needle not in inspect.getsource(importlib.import_module(patch.module)):
+            raise CompatError(_missing(f"{patch.module}: {patch.needle!r}"))
+
+
+def _missing(what: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("megatron-core")
+    except PackageNotFoundError:
+        installed = "unknown"
+    return (f"mptk.compat: {what} not found in megatron-core {installed} (tested: "
+            f"{TESTED_MEGATRON}); pin megatron-core=={TESTED_MEGATRON}")
+
+
 def activate() -> None:
     """Redirect megatron-core's CUDA call sites to the CPU (idempotent; CPU runs only)."""
     global _ACTIVE
@@ -143,6 +199,7 @@ def activate() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("mptk.compat.cpu.activate() is for machines without a GPU")
+    check_call_sites()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: no probing, no warning
     torch.cuda.current_device = _cpu_device  # type: ignore[assignment]  # monkeypatch on purpose (CPU runs)
     torch.cuda.synchronize = lambda *args, **kwargs: None
@@ -152,6 +209,9 @@ def activate() -> None:
     mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     _ACTIVE = True
 
 

@@ -44,11 +44,13 @@ def config_problems(cfg: RunConfig, world_size: int, cuda_available: bool) -> li
         *_train(cfg.train),
         *checkpoint_problems(cfg.train),
         *_optim(cfg.optim, cfg.train),
+        *_debug(cfg),
         *_data(cfg.data),
         *slurm_world(cfg.cluster, world_size),
         *_peak_value(cfg.cluster),
         *_pipeline(cfg, dp),
         *_memory_levers(cfg),
+        *_context(cfg),
     ]
 
 
@@ -60,9 +62,9 @@ def on_cpu(cfg: RunConfig, cuda_available: bool) -> bool:
 
 def dp_of(p: ParallelConfig, world: int) -> int | None:
     """Data-parallel degree, or None when the layout itself is invalid."""
-    if p.tp < 1 or p.pp < 1 or world < 1 or world % (p.tp * p.pp):
+    if p.tp < 1 or p.pp < 1 or p.cp < 1 or world < 1 or world % (p.tp * p.cp * p.pp):
         return None
-    return world // (p.tp * p.pp)
+    return world // (p.tp * p.cp * p.pp)
 
 def _pipeline(cfg: RunConfig, dp: int | None) -> list[str]:
     """pp/vpp rules: vpp needs pp >= 2; interleaving needs micro-batches % pp == 0."""
@@ -98,20 +100,23 @@ def _parallel(p: ParallelConfig, world: int) -> list[str]:
     problems = [
         *_at_least("parallel.tp", p.tp, 1, "set the tensor-parallel degree to 1 or more"),
         *_at_least("parallel.pp", p.pp, 1, "set the pipeline-parallel degree to 1 or more"),
+        *_at_least("parallel.cp", p.cp, 1, "set the context-parallel degree to 1 or more"),
         *_at_least("world", world, 1, "start at least one process (launcher.nproc_per_node)"),
     ]
     if problems:
         return problems
-    size = p.tp * p.pp
+    size = p.tp * p.cp * p.pp
+    axes = "tp*pp" if p.cp == 1 else "tp*cp*pp"  # world = tp * cp * pp * dp
+    name = f"tp({p.tp})*pp({p.pp})" if p.cp == 1 else f"tp({p.tp})*cp({p.cp})*pp({p.pp})"
     if size > world:
         return [
-            f"parallel: tp({p.tp})*pp({p.pp})={size} exceeds world({world}); "
-            f"lower tp/pp or raise launcher.nproc_per_node to a multiple of {size}"
+            f"parallel: {name}={size} exceeds world({world}); "
+            f"lower {axes.replace('*', '/')} or raise launcher.nproc_per_node to a multiple of {size}"
         ]
     if world % size:
         return [
-            f"parallel: tp({p.tp})*pp({p.pp})={size} does not divide world({world}); "
-            "choose tp*pp dividing the world size or change launcher.nproc_per_node"
+            f"parallel: {name}={size} does not divide world({world}); "
+            f"choose {axes} dividing the world size or change launcher.nproc_per_node"
         ]
     return []
 
@@ -253,6 +258,38 @@ def _memory_levers(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _context(cfg: RunConfig) -> list[str]:
+    """Context parallelism (Ulysses): heads and query groups of a tp rank split over cp, the
+    sequence in 2*cp equal chunks (megatron's load-balanced order), token data only."""
+    p, m = cfg.parallel, cfg.model
+    if p.cp <= 1 or p.tp < 1:
+        return []
+    problems = []
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    for name, count in (("heads", heads), ("num_query_groups", groups)):
+        if count % p.tp == 0 and (count // p.tp) % p.cp:
+            problems.append(f"parallel.cp: {name}({count})/tp({p.tp}) % cp({p.cp}) != 0; the "
+                            f"all-to-all gives every cp rank {name}/tp/cp heads: choose cp "
+                            f"dividing {count // p.tp} or change model.{_head_field(name)}")
+    chunk = 2 * p.cp * (p.tp if p.sp else 1)
+    if m.seq_length % chunk:
+        factors = f"2*cp({p.cp})" + (f"*tp({p.tp}) (sp)" if p.sp else "")
+        problems.append(f"model.seq_length({m.seq_length}) % {factors} != 0; context parallelism "
+                        f"cuts every sequence into {chunk} equal chunks: use a multiple of {chunk}")
+    if m.attention.value != "sdpa":
+        problems.append(f"parallel.cp({p.cp}) needs model.attention=sdpa (got "
+                        f"{m.attention.value}: megatron's own context parallelism needs "
+                        f"Transformer Engine); set model.attention=sdpa or parallel.cp=1")
+    if cfg.data.source in (DataSource.digits, DataSource.image_folder):
+        problems.append(f"parallel.cp({p.cp}) splits token sequences; data.source="
+                        f"{cfg.data.source.value} holds images: use parallel.cp=1")
+    return problems
+
+
+def _head_field(name: str) -> str:
+    return "num_attention_heads" if name == "heads" else name
+
+
 def _train(t: TrainConfig) -> list[str]:
     return [
         *_at_least("train.steps", t.steps, 1, "train for at least one step"),
@@ -269,11 +306,32 @@ def _optim(o: OptimConfig, t: TrainConfig) -> list[str]:
     problems += _at_least("optim.grad_clip", o.grad_clip, 0, "use 0 to disable clipping")
     problems += _at_least("optim.weight_decay", o.weight_decay, 0, "use 0 to disable weight decay")
     problems += _at_least("optim.warmup_steps", o.warmup_steps, 0, "use 0 for no warm-up")
-    if o.warmup_steps > t.steps:
-        problems.append(
-            f"optim.warmup_steps({o.warmup_steps}) > train.steps({t.steps}); "
-            "shorten the warm-up or train longer"
-        )
+    return problems
+
+
+def clamp_warmup(cfg: RunConfig) -> str | None:
+    """A warm-up longer than the run (a smoke run at the default warm-up) becomes the run's
+    length: the one-line warning, or None when nothing changed."""
+    o, t = cfg.optim, cfg.train
+    if t.steps < 1 or o.warmup_steps <= t.steps:
+        return None
+    note = (f"optim.warmup_steps({o.warmup_steps}) > train.steps({t.steps}): warm-up clamped "
+            f"to {t.steps} steps (set optim.warmup_steps<={t.steps} to silence this)")
+    o.warmup_steps = t.steps
+    return note
+
+
+def _debug(cfg: RunConfig) -> list[str]:
+    """The profiler window and the hang watchdog."""
+    p, d = cfg.profile, cfg.debug
+    problems = []
+    if p.start_step >= 0 and p.end_step <= p.start_step:
+        problems.append(f"profile.end_step({p.end_step}) <= profile.start_step({p.start_step}); "
+                        f"the window is [start_step, end_step): set profile.end_step="
+                        f"{p.start_step + 1} or more (start_step=-1 turns profiling off)")
+    if d.hang_timeout_s < 0:
+        problems.append(f"debug.hang_timeout_s({d.hang_timeout_s}) < 0; use seconds > 0, "
+                        f"or 0 to turn the hang watchdog off")
     return problems
 
 def _data(d: DataConfig) -> list[str]:

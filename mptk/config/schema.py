@@ -31,6 +31,9 @@ class Normalization(Enum):
 
 class Activation(Enum):
     gelu = "gelu"
+    """Exact (erf) GELU: Hugging Face's ``gelu``."""
+    gelu_tanh = "gelu_tanh"
+    """GELU's tanh approximation: Hugging Face's ``gelu_new`` / ``gelu_pytorch_tanh`` (GPT-2)."""
     swiglu = "swiglu"
 
 
@@ -143,11 +146,16 @@ class ModelConfig:
     """Dropout on attention probabilities."""
     init_method_std: float = 0.02
     """Std of the normal weight initialisation."""
+    bias: bool = True
+    """Biases in the attention and MLP linear layers (megatron's ``add_bias_linear``; GPT-2 has
+    them, Llama not)."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the norm layers (GPT-2 1e-5; Llama checkpoints often 1e-6)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
-    """Model-parallel layout. ``dp`` is derived: world / (tp * pp)."""
+    """Model-parallel layout. ``dp`` is derived: world / (tp * cp * pp)."""
 
     tp: int = 1
     """Tensor-parallel degree (megatron-core ``tensor_model_parallel_size``)."""
@@ -164,6 +172,11 @@ class ParallelConfig:
     """Sequence parallelism (needs tp > 1): norms, dropouts and residuals work on 1/tp of the
     sequence, so their activations shrink by tp; the tp all-reduces become reduce-scatter +
     all-gather pairs (same bytes). The norms' gradients are summed over the tp group."""
+    cp: int = 1
+    """Context parallelism: every sequence split over cp ranks (DeepSpeed-Ulysses all-to-all
+    around the SDPA core attention; needs heads/tp and query groups/tp divisible by cp and
+    model.seq_length by 2*cp). Gradients are reduced over dp x cp; cp peers read the same
+    samples, each its own part of the sequence."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -275,7 +288,9 @@ class TrainConfig:
     from it (same tp/pp/dp/ZeRO layout) unless this run dir already has its own checkpoints."""
     init_from: Optional[str] = None
     """Path of a checkpoint whose weights start this run (any tp/pp layout; fresh optimizer,
-    step 0), e.g. for fine-tuning; ignored once this run dir has its own checkpoints."""
+    step 0), e.g. for fine-tuning; ignored once this run dir has its own checkpoints.
+    ``hf:DIR``: a Hugging Face Llama or GPT-2 folder (``model.*`` must match its config.json:
+    preflight prints the override for each field that differs)."""
     compile: bool = False
     """``torch.compile`` each megatron transformer layer in place (parameter names
     and checkpoints unchanged; one graph shared by all layers). The first step pays the
@@ -320,6 +335,9 @@ class LogConfig:
     phase_timers: bool = True
     """Per-phase step times with min/max over ranks and the straggler at each log step (one
     small all-gather per log interval)."""
+    tensorboard: bool = False
+    """Also write every metrics row as TensorBoard scalars under ``run_dir/tensorboard/`` (rank
+    0; the keys of ``metrics.jsonl``): ``tensorboard --logdir <run dir>``."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -399,7 +417,12 @@ class ClusterConfig:
     debug: bool = False
     """Also export ``debug_env``: the switches for diagnosing hangs."""
     debug_env: dict[str, str] = field(default_factory=dict)
-    """Hang-diagnosis variables (NCCL_DEBUG=INFO, TORCH_NCCL_* flight recorder), off by default."""
+    """Hang-diagnosis variables (NCCL_DEBUG=INFO, desync debug), off by default (the flight
+    recorder's variables are set by every script and the local launcher)."""
+    nsys: bool = False
+    """Run every task under ``nsys profile --capture-range=cudaProfilerApi``: one report per rank
+    in ``run_dir/nsys/``, covering exactly the ``profile.start_step..end_step`` window
+    (``MPTK_NSYS=1`` in the job's environment does the same for the checked-in scripts)."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run in the batch script before srun (``module load ...``, ``source venv``)."""
     sbatch_extra: list[str] = field(default_factory=list)
@@ -427,6 +450,14 @@ class DebugConfig:
     hang_timeout_s: float = 1800.0
     """Seconds without a completed step (eval and checkpoint saves included) before every rank
     dumps its Python stacks to ``run_dir/hang/rank_<r>.txt`` and exits non-zero; 0 = off."""
+    memory_snapshot: bool = False
+    """CUDA only: record the caching allocator's history (``torch.cuda.memory``) for the first
+    ``memory_snapshot_steps`` steps of the run and dump ``run_dir/memory/rank<r>_step<n>.pickle``
+    (open it in https://pytorch.org/memory_viz) at the window's end, and on an out-of-memory
+    error. On CPU a note says it is CUDA-only."""
+    memory_snapshot_steps: int = 3
+    """Steps recorded from the run's first one (the first steps allocate the optimizer state
+    and reach the peak); 0 = until the end of the run."""
 
 
 @dataclass(kw_only=True, slots=True)

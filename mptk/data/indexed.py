@@ -97,7 +97,7 @@ class IndexedData:
         return self.place.samples(step, micro)
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        return collate(self.train, self.samples(step, micro))
+        return self.place.cut(collate(self.train, self.samples(step, micro)))
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
         return self._fixed(self.valid)
@@ -110,7 +110,8 @@ class IndexedData:
 
     def _fixed(self, split) -> list[dict[str, torch.Tensor]]:
         p = self.place
-        return fixed_batches(split, p.micro_batch_size, p.eval_batches, p.dp_rank, p.dp_size)
+        return [p.cut(b) for b in
+                fixed_batches(split, p.micro_batch_size, p.eval_batches, p.dp_rank, p.dp_size)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,16 +34,38 @@ class Place:
     dp_size: int
     eval_batches: int
     """Held-out micro-batches per rank per evaluation (``train.eval_batches``)."""
+    cp_rank: int = 0
+    """This rank's place in its context-parallel group (which part of each sequence)."""
+    cp_size: int = 1
+    """Context-parallel degree: cp peers read the same samples, each its own tokens."""
 
     @classmethod
     def of(cls, cfg, layout, dp_rank: Optional[int] = None) -> Place:
-        """This rank's place for ``cfg.train`` and ``layout`` (dp rank from the groups)."""
-        if dp_rank is None:
-            from mptk.parallel import groups
+        """This rank's place for ``cfg.train`` and ``layout`` (dp and cp rank from the groups)."""
+        from mptk.parallel import groups
 
+        if dp_rank is None:
             dp_rank = groups.dp_rank()
+        cp = getattr(layout, "cp", 1)
         return cls(micro_batch_size=cfg.train.micro_batch_size, grad_acc=layout.grad_acc,
-                   dp_rank=dp_rank, dp_size=layout.dp, eval_batches=cfg.train.eval_batches)
+                   dp_rank=dp_rank, dp_size=layout.dp, eval_batches=cfg.train.eval_batches,
+                   cp_rank=groups.cp_rank() if cp > 1 else 0, cp_size=cp)
+
+    def cut(self, batch: dict) -> dict:
+        """This cp rank's tokens of every ``[b, seq]`` tensor, plus their ``positions`` (the
+        load-balanced chunks megatron's RoPE also picks); the batch itself at cp=1."""
+        if self.cp_size == 1:
+            return batch
+        import torch
+
+        from mptk.parallel.layout import cp_positions
+
+        seq = batch["tokens"].shape[1]
+        index = torch.tensor(cp_positions(seq, self.cp_size, self.cp_rank))
+        out = {k: v.index_select(1, index) if torch.is_tensor(v) and v.dim() == 2 else v
+               for k, v in batch.items()}
+        out["positions"] = index.expand(batch["tokens"].shape[0], -1)
+        return out
 
     def samples(self, step: int, micro: int) -> list[int]:
         """Global sample indices of micro-batch ``micro`` of ``step`` on this rank."""

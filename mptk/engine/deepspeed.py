@@ -43,7 +43,9 @@ def ds_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
     """The DeepSpeed config dict; ``zero.extra`` is merged last."""
     train, piped = cfg.train, layout.pp > 1
     config = {
-        "train_batch_size": train.global_batch_size,
+        # DeepSpeed's data-parallel world is dp x cp (the mpu adapter): cp peers count as
+        # replicas there, each "sample" being one part of a sequence.
+        "train_batch_size": train.global_batch_size * layout.cp,
         # pp>1: megatron's schedule runs the micro-batches; DeepSpeed sees one "micro-batch"
         # covering them all, so every step is an accumulation boundary.
         "train_micro_batch_size_per_gpu": train.micro_batch_size * (layout.grad_acc if piped else 1),

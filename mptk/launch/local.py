@@ -18,7 +18,22 @@ quiet()
 def _worker(env, cfg: RunConfig) -> None:
     from mptk.train.loop import run
 
+    flight_recorder(cfg.run_dir)
     run(cfg, env)
+
+
+def flight_recorder(run_dir: str) -> None:
+    """torch's flight recorder variables into this worker's environment (before its process
+    group exists; values the user set win). On GPUs its dump folder is made now: NCCL's own
+    dump on a collective timeout does not make it (mptk's hang dump does)."""
+    import torch
+
+    from mptk.log.watchdog import flight_recorder_env, flight_recorder_prefix
+
+    for name, value in flight_recorder_env(run_dir).items():
+        os.environ.setdefault(name, value)
+    if torch.cuda.is_available():
+        flight_recorder_prefix(run_dir).parent.mkdir(parents=True, exist_ok=True)
 
 
 def spawn(cfg: RunConfig, nproc: int) -> int:

@@ -24,7 +24,15 @@ from pathlib import Path
 
 from mptk.config.schema import ClusterConfig
 from mptk.exitcodes import REQUEUE_EXIT_CODE
-from mptk.launch.slurm_template import JOB_ENV, JOB_SCRIPT, STATIC_ENV
+from mptk.launch.slurm_template import (
+    FLIGHT_RECORDER,
+    JOB_ENV,
+    JOB_SCRIPT,
+    NSYS,
+    NSYS_CHECK,
+    STATIC_ENV,
+)
+from mptk.log.watchdog import flight_recorder_env
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO / "slurm"
@@ -111,8 +119,9 @@ def _text_problems(c: ClusterConfig) -> list[str]:
 
 
 def fabric_env(c: ClusterConfig) -> dict[str, str]:
-    """Variables every task gets: ``env``, then ``debug_env`` on top when ``debug``."""
-    return {**c.env, **(c.debug_env if c.debug else {})}
+    """Variables every task gets: ``env``, then ``debug_env`` on top when ``debug``, and
+    ``MPTK_NSYS=1`` when ``nsys`` (the script's nsys wrapper reads it)."""
+    return {**c.env, **(c.debug_env if c.debug else {}), **({"MPTK_NSYS": "1"} if c.nsys else {})}
 
 
 def exports(env: dict[str, str]) -> str:
@@ -175,6 +184,17 @@ def environment_block(spec: JobSpec) -> str:
     return STATIC_ENV.substitute(debug_note=f" of profile fabric={c.fabric.value}{note}", exports=body)
 
 
+def flight_recorder_block() -> str:
+    """``export NAME="${NAME:-value}"`` for each flight recorder variable, dumps into the run dir."""
+    lines = [f'export {k}="${{{k}:-{v}}}"' for k, v in flight_recorder_env("$RUN_DIR").items()]
+    return FLIGHT_RECORDER.substitute(exports="\n".join(lines))
+
+
+def nsys_block(c: ClusterConfig) -> str:
+    """The opt-in nsys wrapper; nsys is looked up on the host unless a container runs the tasks."""
+    return NSYS.substitute(check="" if c.container_image else NSYS_CHECK)
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -187,6 +207,7 @@ def render(spec: JobSpec) -> str:
         requeue_code=REQUEUE_EXIT_CODE, requeue_max=c.requeue_max, python=spec.python,
         run_dir=spec.run_dir, overrides=bash_array(spec.overrides),
         setup=setup_block(c.setup), environment=environment_block(spec), exit_wait=c.exit_wait_s,
+        flight_recorder=flight_recorder_block(), nsys=nsys_block(c),
         container=container_args(c, not spec.job_env),
     )
 

@@ -44,6 +44,10 @@ export MASTER_ADDR MASTER_PORT
 
 @@{environment}
 
+@@{flight_recorder}
+
+@@{nsys}
+
 if ((RESTARTS > REQUEUE_MAX)); then
     echo "mptk: job $SLURM_JOB_ID was requeued $RESTARTS times, more than" \\
         "cluster.requeue_max=$REQUEUE_MAX; stopping" >&2
@@ -58,7 +62,7 @@ echo "mptk: job $SLURM_JOB_ID (restart $RESTARTS/$REQUEUE_MAX): $SLURM_NTASKS ta
 # rather than leave them blocked in a collective. (Not --kill-on-bad-exit: it would kill the
 # other ranks as soon as rank 0 exits with the requeue code, and srun would report the kill.)
 srun --wait=@@{exit_wait}@@{container} \\
-    "$MPTK_PYTHON" -m mptk.cli.train launcher=slurm "hydra.run.dir=$RUN_DIR" "${OVERRIDES[@]}" "$@"
+    "${NSYS[@]}" "$MPTK_PYTHON" -m mptk.cli.train launcher=slurm "hydra.run.dir=$RUN_DIR" "${OVERRIDES[@]}" "$@"
 rc=$?
 
 if ((rc == REQUEUE_EXIT_CODE)); then
@@ -90,3 +94,34 @@ JOB_ENV=$("$MPTK_PYTHON" -m mptk.cli.submit --job-env launcher=slurm "${OVERRIDE
 eval "$JOB_ENV"
 """
 """Environment block of the checked-in examples: computed in the job from the overrides."""
+
+FLIGHT_RECORDER = ScriptTemplate("""\
+# torch's flight recorder: every rank keeps its last collectives in memory. A collective timeout
+# (NCCL's watchdog) or mptk's hang watchdog (debug.hang_timeout_s) writes them to
+# $RUN_DIR/flight_recorder/rank_<r>; which rank waits in which collective is then readable side by
+# side (NCCL: torchfrtrace "$RUN_DIR/flight_recorder" -j). Values set before sbatch win.
+mkdir -p "$RUN_DIR/flight_recorder"
+@@{exports}""")
+"""Flight recorder block (names and values from :func:`mptk.log.watchdog.flight_recorder_env`)."""
+
+NSYS = ScriptTemplate("""\
+# Nsight Systems, opt-in: cluster.nsys=true (or MPTK_NSYS=1 in sbatch's environment) runs every task
+# under nsys with --capture-range=cudaProfilerApi: mptk calls cudaProfilerStart/Stop at the edges
+# of the profile.start_step..end_step window, so each rank in profile.ranks records exactly that
+# window (the others write no report). One report per rank: $RUN_DIR/nsys/rank_<r>.nsys-rep.
+export MPTK_NSYS=${MPTK_NSYS:-0}
+NSYS=()
+if [[ "$MPTK_NSYS" != 0 ]]; then
+@@{check}    mkdir -p "$RUN_DIR/nsys"
+    NSYS=(nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop
+        --trace=cuda,nvtx,osrt,cublas --sample=none --cpuctxsw=none --force-overwrite=true
+        --output="$RUN_DIR/nsys/rank_%q{SLURM_PROCID}")
+fi""")
+"""The nsys wrapper block; ``check`` is the host-side ``nsys`` lookup (none in a container,
+where nsys comes from the image)."""
+
+NSYS_CHECK = """\
+    command -v nsys > /dev/null || { echo "mptk: error: MPTK_NSYS=$MPTK_NSYS (cluster.nsys) but" \\
+        "nsys is not on PATH; add e.g. 'module load nsight-systems' to cluster.setup, or set" \\
+        "cluster.nsys=false" >&2; exit 2; }
+"""

@@ -1,5 +1,6 @@
 """Metrics out: one console line per interval (rank 0), ``metrics.jsonl`` in the run dir,
-and W&B (offline by default, its files under the run dir)."""
+W&B (offline by default, its files under the run dir) and, with ``log.tensorboard=true``,
+TensorBoard event files under ``run_dir/tensorboard`` (:mod:`mptk.log.tensorboard`)."""
 
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ class Metrics:
     """Rank 0 writes; other ranks hold a no-op instance."""
 
     def __init__(self, cfg: RunConfig, active: bool, printer=print, layout=None,
-                 rank_printer=None):
-        self.active, self.printer, self.wandb = active, printer, None
+                 rank_printer=None, start_step: int = 0):
+        self.active, self.printer, self.wandb, self.tensorboard = active, printer, None, None
         self.rank_printer = rank_printer  # where ranks other than 0 print (their rank log)
         self.path = Path(cfg.run_dir) / "metrics.jsonl"
         if active:
@@ -71,6 +72,7 @@ class Metrics:
             meta = run_meta(layout)
             (self.path.parent / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
             self.wandb = _wandb_run(cfg, meta)
+            self.tensorboard = _tensorboard(cfg, start_step)
 
     def log(self, row: dict, console: bool = True) -> None:
         if not self.active:
@@ -83,6 +85,8 @@ class Metrics:
             self.printer(format_line(row))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "steps"}, step=row["step"])
+        if self.tensorboard is not None:
+            self.tensorboard.log(row, flush=console)
 
     @property
     def run_id(self) -> Optional[str]:
@@ -93,6 +97,8 @@ class Metrics:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def git_revision() -> Optional[str]:
@@ -142,3 +148,12 @@ def _wandb_run(cfg: RunConfig, meta: Optional[dict] = None) -> Optional[Any]:
                       name=settings.name or Path(cfg.run_dir).name, dir=cfg.run_dir,
                       mode=settings.mode.value,
                       config={**config_dict(cfg), "meta": meta or {}})
+
+
+def _tensorboard(cfg: RunConfig, start_step: int) -> Optional[Any]:
+    """A TensorBoard writer under ``run_dir/tensorboard`` when ``log.tensorboard``."""
+    if not cfg.log.tensorboard:
+        return None
+    from mptk.log.tensorboard import TensorBoardSink
+
+    return TensorBoardSink(cfg.run_dir, purge_step=start_step)

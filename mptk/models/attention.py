@@ -27,7 +27,6 @@ class SdpaAttention(MegatronModule):
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection=None):
         super().__init__(config=config)
-        assert config.context_parallel_size == 1, "SdpaAttention has no context parallelism"
         tp = pg_collection.tp.size() if pg_collection is not None else _tp_size()
         projection = config.kv_channels * config.num_attention_heads
         self.heads = divide(config.num_attention_heads, tp)
@@ -41,16 +40,20 @@ class SdpaAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         assert packed_seq_params is None and attention_bias is None
-        mask_type = attn_mask_type or self.attn_mask_type
+        out = self.attend(query, key, value, attention_mask, attn_mask_type or self.attn_mask_type)
+        return out.reshape(out.shape[0], out.shape[1], self.hidden_per_partition)
+
+    def attend(self, query, key, value, attention_mask, mask_type):
+        """SDPA on ``[s, b, heads, d]`` (any head counts in the query/group ratio) ->
+        ``[s, b, heads, d]``."""
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [b, h, s, d]
         with _dropout_rng(self.training and self.dropout > 0):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=self._mask(attention_mask, mask_type),
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=mask_type == AttnMaskType.causal, scale=self.scale,
-                enable_gqa=self.heads != self.groups)
-        s, b = out.shape[2], out.shape[0]
-        return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_per_partition)
+                enable_gqa=q.shape[1] != k.shape[1])
+        return out.permute(2, 0, 1, 3)
 
     @staticmethod
     def _mask(attention_mask, mask_type):

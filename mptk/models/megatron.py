@@ -5,6 +5,7 @@ and where layer specs are chosen (the attention implementation is swapped throug
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import torch
@@ -21,10 +22,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mptk.config.schema import Activation, AttentionImpl, DType, ModelConfig, Recompute, RecomputeMethod
 from mptk.models.attention import SdpaAttention
+from mptk.models.init import megatron_init
 from mptk.models.norms import SequenceParallelNorm
 from mptk.plan import partition
 
 _DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
+
+
+_ACTIVATIONS = {Activation.gelu: F.gelu, Activation.swiglu: F.silu,
+                Activation.gelu_tanh: functools.partial(F.gelu, approximate="tanh")}
+"""The MLP's activation (SwiGLU: megatron's gated unit around SiLU)."""
 
 
 def torch_dtype(dtype: DType) -> torch.dtype:
@@ -39,8 +46,11 @@ def transformer_config(model: ModelConfig, tp: int, pp: int, dtype: DType, *,
                        recompute_layers: int = 1) -> TransformerConfig:
     """mptk model + layout + dtype -> megatron ``TransformerConfig``.
 
-    Fusions that need apex/TE/CUDA kernels are off; weights are initialised on the CPU as
-    full matrices and then split, so every tp layout starts from the same weights.
+    Fusions that need apex/TE/CUDA kernels are off. Inside ``init.deferred()`` (the trainer's
+    build) megatron's init methods draw nothing (it still sets its tp attributes) and
+    :func:`mptk.models.init.initialise` sets every weight from the seed and its global
+    identity (the same at every layout); elsewhere megatron initialises on the CPU (full
+    matrices, then split over tp).
     ``stage_layers`` (pp>1) becomes megatron's pipeline layout; ``batch_p2p=False`` sends
     pipeline tensors one by one (required on gloo: batched p2p gave silently wrong gradients
     with the interleaved schedule at pp=2). ``sp`` is megatron's ``sequence_parallel``;
@@ -55,16 +65,29 @@ def transformer_config(model: ModelConfig, tp: int, pp: int, dtype: DType, *,
         num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn_hidden_size,
         hidden_dropout=model.hidden_dropout, attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std, normalization=model.normalization.value,
-        gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
+        gated_linear_unit=swiglu, activation_func=_ACTIVATIONS[model.activation],
+        add_bias_linear=model.bias, layernorm_epsilon=model.norm_epsilon,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         params_dtype=torch_dtype(dtype), pipeline_dtype=torch_dtype(dtype),
         bf16=dtype is DType.bf16, fp16=dtype is DType.fp16,
-        use_cpu_initialization=True, perform_initialization=True,
+        use_cpu_initialization=True, perform_initialization=True, **megatron_init(),
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         pipeline_model_parallel_layout=layout, batch_p2p_comm=batch_p2p,
         sequence_parallel=sp, **_recompute(recompute, recompute_method, recompute_layers),
+        context_parallel_size=_cp_size(),
     )
+
+
+def _cp_size() -> int:
+    """megatron's modules take their cp group from parallel_state (GPTModel's RoPE picks this
+    rank's two load-balanced chunks from it, and the schedule sizes p2p buffers by
+    ``context_parallel_size``), so the config must state the same degree. megatron's own cp
+    attention path (TE-only ``DotProductAttention``) is never built: at cp>1 the spec's core
+    attention is mptk's Ulysses one (preflight refuses ``model.attention=local`` there)."""
+    from mptk.parallel import groups
+
+    return groups.cp_size()
 
 
 def _recompute(how: Recompute, method: RecomputeMethod, layers: int) -> dict[str, Any]:
@@ -95,6 +118,10 @@ def layer_spec(model: ModelConfig, mask: AttnMaskType = AttnMaskType.causal,
     attention = spec.submodules.self_attention
     if model.attention is AttentionImpl.sdpa:
         attention.submodules.core_attention = SdpaAttention
+        if _cp_size() > 1:
+            from mptk.models.context import UlyssesAttention
+
+            attention.submodules.core_attention = UlyssesAttention
     attention.params = {**attention.params, "attn_mask_type": mask}
     return spec
 

@@ -17,12 +17,14 @@ from mptk.config.schema import Backend, Device
 from mptk.parallel.env import DistEnv
 
 _AXES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
-         "vpp": "virtual_pipeline_model_parallel_size"}
+         "vpp": "virtual_pipeline_model_parallel_size", "cp": "context_parallel_size"}
 
 
-def megatron_sizes(tp: int, pp: int, vpp: Optional[int] = None) -> dict[str, Optional[int]]:
+def megatron_sizes(tp: int, pp: int, vpp: Optional[int] = None,
+                   cp: int = 1) -> dict[str, Optional[int]]:
     """Short axis names mapped to megatron's long keyword names (the only such mapping)."""
-    return {_AXES["tp"]: tp, _AXES["pp"]: pp, _AXES["vpp"]: vpp if vpp and vpp > 1 else None}
+    return {_AXES["tp"]: tp, _AXES["pp"]: pp, _AXES["vpp"]: vpp if vpp and vpp > 1 else None,
+            _AXES["cp"]: cp}
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -39,8 +41,9 @@ def resolve_backend(backend: Backend, device: torch.device) -> str:
 
 
 def init(env: DistEnv, tp: int, pp: int, device: torch.device, backend: str, seed: int,
-         vpp: Optional[int] = None) -> None:
-    """Default group from ``env``, then megatron's groups, then per-tp-rank seeds."""
+         vpp: Optional[int] = None, cp: int = 1) -> None:
+    """Default group from ``env``, then megatron's groups (world = tp * cp * pp * dp, megatron's
+    rank order tp-cp-ep-dp-pp), then per-tp-rank seeds (equal on cp peers, as on dp peers)."""
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
     else:
@@ -48,9 +51,12 @@ def init(env: DistEnv, tp: int, pp: int, device: torch.device, backend: str, see
 
         cpu.activate()
     export_env(env)
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(minutes=10))
-    ps.initialize_model_parallel(**megatron_sizes(tp, pp, vpp))
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(minutes=10))
+    if ps.model_parallel_is_initialized():  # another layout in the same processes
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(**megatron_sizes(tp, pp, vpp, cp))
     seed_model_parallel(seed, device)
 
 
@@ -99,7 +105,31 @@ def dp_size() -> int:
 
 
 def dp_group() -> Any:
+    """Pure dp: the ranks that read different samples (cp peers are not in it)."""
     return ps.get_data_parallel_group()
+
+
+def cp_rank() -> int:
+    return int(ps.get_context_parallel_rank())
+
+
+def cp_size() -> int:
+    """Context-parallel degree (1 before megatron's groups exist: single-process builds)."""
+    return int(ps.get_context_parallel_world_size()) if ps.model_parallel_is_initialized() else 1
+
+
+def cp_group() -> Any:
+    return ps.get_context_parallel_group()
+
+
+def dp_cp_group() -> Any:
+    """dp x cp: the ranks whose gradients (and token-mean losses) are averaged together;
+    cp peers saw other tokens of the same samples."""
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def dp_cp_size() -> int:
+    return int(ps.get_data_parallel_world_size(with_context_parallel=True))
 
 
 def is_last_stage(vp_stage: Optional[int] = None) -> bool:

@@ -50,6 +50,25 @@ class Layout:
 def derive(cfg: Any, world: int, stage_layers: Sequence[int] = ()) -> Layout:
     """The layout of a checked ``cfg`` (a ``RunConfig``) at ``world`` processes."""
     p, t = cfg.parallel, cfg.train
-    dp = world // (p.tp * p.pp)
+    dp = world // (p.tp * p.cp * p.pp)
     return Layout(tp=p.tp, pp=p.pp, dp=dp, grad_acc=t.global_batch_size // (t.micro_batch_size * dp),
-                  world=world, vpp=p.vpp or 1, stage_layers=tuple(stage_layers), sp=p.sp)
+                  world=world, vpp=p.vpp or 1, stage_layers=tuple(stage_layers), cp=p.cp, sp=p.sp)
+
+
+def cp_chunks(cp: int, cp_rank: int) -> tuple[int, int]:
+    """The two of ``2 * cp`` equal sequence chunks that cp rank ``cp_rank`` holds.
+
+    megatron's load-balanced order (rank r: chunks r and 2cp-1-r, so that under a causal mask
+    every rank has the same work). It is megatron's RoPE slicing
+    (``get_pos_emb_on_this_cp_rank``), so the data slice, the positions and the all-to-all's
+    reordering must all use it: this is the one definition mptk uses for each.
+    """
+    return cp_rank, 2 * cp - 1 - cp_rank
+
+
+def cp_positions(seq_length: int, cp: int, cp_rank: int) -> list[int]:
+    """Sequence positions held by cp rank ``cp_rank`` (in its local order)."""
+    if cp == 1:
+        return list(range(seq_length))
+    size = seq_length // (2 * cp)
+    return [c * size + i for c in cp_chunks(cp, cp_rank) for i in range(size)]

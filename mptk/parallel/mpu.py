@@ -16,16 +16,21 @@ from megatron.core import parallel_state as ps
 
 
 class MegatronMpu:
-    """Data-parallel = megatron's DP group; model-parallel = megatron's tp x pp group."""
+    """Data-parallel = megatron's dp x cp group; model-parallel = megatron's tp x pp group.
+
+    DeepSpeed's "data parallel" is whoever averages gradients and shares ZeRO partitions: with
+    context parallelism that is dp x cp (every cp rank computed the gradient of other tokens of
+    the same samples). The data loader's dp rank and size stay pure dp (``groups.dp_rank``).
+    """
 
     def get_data_parallel_group(self) -> Any:
-        return ps.get_data_parallel_group()
+        return ps.get_data_parallel_group(with_context_parallel=True)
 
     def get_data_parallel_rank(self) -> int:
-        return int(ps.get_data_parallel_rank())
+        return int(ps.get_data_parallel_rank(with_context_parallel=True))
 
     def get_data_parallel_world_size(self) -> int:
-        return int(ps.get_data_parallel_world_size())
+        return int(ps.get_data_parallel_world_size(with_context_parallel=True))
 
     def get_model_parallel_group(self) -> Any:
         return ps.get_model_parallel_group()

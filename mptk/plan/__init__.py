@@ -37,9 +37,9 @@ def choice_of(cfg: RunConfig, world: int) -> Choice:
     """The layout a config asks for on ``world`` GPUs (``train.recompute`` and ``parallel.sp``
     included; ``train.recompute_method`` / ``recompute_layers`` are in :class:`Training`)."""
     p, recompute = cfg.parallel, cfg.train.recompute
-    return Choice(tp=p.tp, pp=p.pp, dp=max(1, world // (p.tp * p.pp)), vpp=p.vpp or 1,
+    return Choice(tp=p.tp, pp=p.pp, dp=max(1, world // (p.tp * p.cp * p.pp)), vpp=p.vpp or 1,
                   zero=cfg.zero.stage, micro=cfg.train.micro_batch_size,
-                  recompute=str(getattr(recompute, "value", recompute)), sp=bool(p.sp))
+                  recompute=str(getattr(recompute, "value", recompute)), sp=bool(p.sp), cp=p.cp)
 
 
 def stage_counts(cfg: RunConfig, c: Choice) -> list[int]:

@@ -13,6 +13,7 @@ Korthikanti et al. 2022, Table 2.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from mptk.config import registry
@@ -20,8 +21,9 @@ from mptk.config.schema import ModelConfig
 from mptk.config.shape import Embedding, Head, Shape
 
 __all__ = [
+    "cp_alltoall_bytes", "local_sequence",
     "Embedding", "Head", "Shape", "Tensors", "embedding_flops", "hardware_flops", "head_bytes",
-    "head_flops", "korthikanti", "largest_layer", "layer_activations", "layer_flops",
+    "dropout_masks", "head_flops", "korthikanti", "largest_layer", "layer_activations", "layer_flops",
     "layer_forward", "layer_matmul_params", "layer_tensors", "logits", "loss_flops",
     "megatron_flops", "model_flops", "numel", "output_flops", "param_groups",
     "recompute_transient", "recomputed_layers", "shape_of", "stage_activations", "stage_flops",
@@ -213,32 +215,46 @@ def korthikanti(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
     return sbh * (10 + 24 / t + attn / t)
 
 
-def layer_activations(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int) -> float:
+def dropout_masks(s: Shape, micro: int, tp: int, sp: bool, recompute: str) -> float:
+    """Elements of the dropout masks one layer keeps (the formula's 1-byte terms): the two
+    hidden dropouts' ``sbh`` (/tp with sequence parallelism) and, when the score matrices are
+    kept (no recompute, not SDPA), the attention dropout's ``as^2b/tp``."""
+    if recompute == "full":
+        return 0.0
+    hidden = 2 * s.seq * micro * s.hidden / (tp if sp else 1)
+    kept_scores = recompute == "none" and not s.flash
+    return hidden + (s.heads * s.seq * s.seq * micro / tp if kept_scores else 0.0)
+
+
+def layer_activations(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int,
+                      mask: float = 1.0) -> float:
     """Korthikanti's per-layer bytes for this model: SDPA keeps no score matrix (as selective
-    recompute), fp32 activations double every term, dropout masks included (the formula's
-    1-byte masks become 2; on a GPU torch saves 1-byte masks, on the CPU a 4-byte noise tensor in
-    fp32, which puts CPU measurements ~13% above at dropout 0.1: docs/memory_levers.md)."""
+    recompute); ``w``-byte activations scale every term but the dropout masks, which take
+    ``mask`` bytes an element (1 on a GPU, where torch keeps a bool mask; on the CPU torch keeps
+    the scaled noise in the activation dtype, ``mask = w``: docs/memory_levers.md)."""
     mode = "selective" if s.flash and recompute == "none" else recompute
-    return korthikanti(s.seq, micro, s.hidden, s.heads, tp, sp, mode) * (w / 2)
+    masks = dropout_masks(s, micro, tp, sp, mode)
+    return korthikanti(s.seq, micro, s.hidden, s.heads, tp, sp, mode) * (w / 2) + masks * (mask - w / 2)
 
 
 def stage_activations(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int,
-                      layers: int, method: str = "uniform", group: int = 1) -> float:
+                      layers: int, method: str = "uniform", group: int = 1, mask: float = 1.0) -> float:
     """Activation bytes one model chunk of ``layers`` layers keeps per micro-batch until its
     backward. Full recompute, ``uniform``: each group of ``group`` layers keeps its input only
     (``ceil(layers / group)`` layer inputs); ``block``: the first ``group`` layers keep their
     input, the others all their activations (as ``none``)."""
     if recompute != "full":
-        return layers * layer_activations(s, micro, tp, sp, recompute, w)
-    inputs = layer_activations(s, micro, tp, sp, "full", w)
+        return layers * layer_activations(s, micro, tp, sp, recompute, w, mask)
+    inputs = layer_activations(s, micro, tp, sp, "full", w, mask)
     if method == "block":
         done = recomputed_layers(layers, recompute, method, group)
-        return done * inputs + (layers - done) * layer_activations(s, micro, tp, sp, "none", w)
+        return done * inputs + (layers - done) * layer_activations(s, micro, tp, sp, "none", w, mask)
     return -(-layers // max(1, group)) * inputs if layers else 0.0
 
 
 def recompute_transient(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int,
-                        layers: int, method: str = "uniform", group: int = 1) -> float:
+                        layers: int, method: str = "uniform", group: int = 1,
+                        mask: float = 1.0) -> float:
     """Bytes full recompute rebuilds for one micro-batch during backward on top of what is
     kept: one checkpointed group's activations (uniform: ``group`` layers at once, block: one
     layer at a time)."""
@@ -246,7 +262,26 @@ def recompute_transient(s: Shape, micro: int, tp: int, sp: bool, recompute: str,
     if not done:
         return 0.0
     at_once = 1 if method == "block" else min(max(1, group), layers)
-    return at_once * layer_activations(s, micro, tp, sp, "none", w)
+    return at_once * layer_activations(s, micro, tp, sp, "none", w, mask)
+
+
+def local_sequence(s: Shape, cp: int) -> Shape:
+    """The shape one context-parallel rank works on: seq/cp tokens of every sequence. With
+    Ulysses every per-token activation shrinks by cp and core attention (which runs on the
+    whole sequence for heads/cp heads) holds the same element count, so a rank's activations
+    are those of the model at seq/cp."""
+    return s if cp <= 1 else dataclasses.replace(s, seq=s.seq // cp)
+
+
+def cp_alltoall_bytes(s: Shape, micro: int, tp: int, cp: int, w: int) -> float:
+    """Bytes one rank sends per layer and micro-batch, forward + backward: Ulysses moves
+    q, k, v and the output (k and v at the query-group count) through four all-to-alls each
+    way, each rank keeping 1/cp of what it holds."""
+    if cp <= 1:
+        return 0.0
+    token = s.seq // cp * micro * s.hidden // max(1, s.heads) * w / tp
+    heads = 2 * s.heads + 2 * (s.kv_heads or s.heads)
+    return 2 * token * heads * (cp - 1) / cp
 
 
 def head_bytes(s: Shape, micro: int, tp: int, sp: bool = False, w: int = 2) -> float:

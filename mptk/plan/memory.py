@@ -21,6 +21,7 @@ from mptk.plan.cost import (
     Tensors,
     head_bytes,
     largest_layer,
+    local_sequence,
     numel,
     param_groups,
     recompute_transient,
@@ -56,6 +57,9 @@ class Training:
     """``train.recompute_method`` (which layers ``recompute=full`` recomputes)."""
     recompute_layers: int = 1
     """``train.recompute_layers``: group size (uniform) or layers per model chunk (block)."""
+    mask: float = 1.0
+    """Bytes per dropout-mask element kept for backward: 1 on a GPU (a bool mask); on the CPU
+    torch keeps the scaled noise in the activation dtype (``w``)."""
 
 
 def training_of(cfg: RunConfig) -> Training:
@@ -241,7 +245,7 @@ def rank_layers(counts: list[int], pp: int, rank: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """One layout: the knobs the planner sets (``dp`` is world / (tp * pp))."""
+    """One layout: the knobs the planner sets (``dp`` is world / (tp * cp * pp))."""
 
     tp: int
     pp: int
@@ -253,6 +257,13 @@ class Choice:
     """``none``, ``selective`` or ``full`` activation recomputation."""
     sp: bool = False
     """Megatron sequence parallelism (tp > 1)."""
+    cp: int = 1
+    """Context parallelism: each rank holds seq/cp tokens of every sequence (Ulysses)."""
+
+    @property
+    def replicas(self) -> int:
+        """DeepSpeed's data-parallel world: dp x cp (gradients averaged, ZeRO partitions)."""
+        return self.dp * self.cp
 
     def grad_acc(self, global_batch: int) -> int:
         """Micro-batches per step on each data-parallel rank."""
@@ -264,10 +275,11 @@ def rank_activations(sh: Shape, c: Choice, tr: Training, chunks: list[int], held
     chunk's kept bytes per micro-batch (recompute applies per chunk, as megatron's
     ``recompute_method`` per transformer block) x the ``held`` micro-batches, plus what full
     recompute rebuilds for the one micro-batch in backward (largest chunk)."""
-    args = (sh, c.micro, c.tp, c.sp, c.recompute, tr.w)
+    args = (local_sequence(sh, c.cp), c.micro, c.tp, c.sp, c.recompute, tr.w)
     how = (tr.recompute_method, tr.recompute_layers)
-    kept = sum(stage_activations(*args, n, *how) for n in chunks)
-    return kept * held + max((recompute_transient(*args, n, *how) for n in chunks), default=0.0)
+    kept = sum(stage_activations(*args, n, *how, mask=tr.mask) for n in chunks)
+    rebuilt = (recompute_transient(*args, n, *how, mask=tr.mask) for n in chunks)
+    return kept * held + max(rebuilt, default=0.0)
 
 
 def rank_memory(sh: Shape, c: Choice, tr: Training, counts: list[int], rank: int,
@@ -277,10 +289,10 @@ def rank_memory(sh: Shape, c: Choice, tr: Training, counts: list[int], rank: int
     layers = rank_layers(counts, c.pp, rank)
     t = stage_tensors(sh, c.tp, layers, first, last, c.pp)
     held = in_flight(c.pp, c.grad_acc(tr.global_batch), rank) * interleave_factor(c.pp, c.vpp)
-    return Memory(states=model_states(t, c.dp, c.zero, tr),
+    return Memory(states=model_states(t, c.replicas, c.zero, tr),
                   activations=rank_activations(sh, c, tr, counts[rank::c.pp], held),
-                  head=head_bytes(sh, c.micro, c.tp, c.sp, tr.w) if last else 0.0,
-                  buffers=buffers(c.zero, tr, numel(t), largest_layer(sh, c.tp), c.dp),
+                  head=head_bytes(local_sequence(sh, c.cp), c.micro, c.tp, c.sp, tr.w) if last else 0.0,
+                  buffers=buffers(c.zero, tr, numel(t), largest_layer(sh, c.tp), c.replicas),
                   reserve=reserve, rank=rank, params=numel(t), layers=layers, micro_batches=held)
 
 

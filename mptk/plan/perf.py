@@ -9,11 +9,14 @@ unless ``zero.overlap_comm``, then half of the compute hides it; ring collective
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from mptk.plan.cost import (
     Shape,
+    cp_alltoall_bytes,
     hardware_flops,
+    local_sequence,
     model_flops,
     numel,
     recomputed_layers,
@@ -100,6 +103,18 @@ def pp_comm(sh: Shape, c: Choice, tr: Training, cluster: Cluster, m: int) -> flo
     return 2 * m * c.vpp * (lat + size / bw)
 
 
+def cp_comm(sh: Shape, c: Choice, tr: Training, cluster: Cluster, layers: int, m: int,
+            recomputed: int = 0) -> float:
+    """Seconds of Ulysses all-to-alls per step on one GPU: 4 each way per layer and
+    micro-batch (+ the forward's 4 again per ``recomputed`` layer). The cp group spans tp
+    ranks times cp (megatron's order tp-cp-dp-pp)."""
+    if c.cp <= 1:
+        return 0.0
+    bw, lat = link(cluster, c.tp * c.cp)
+    size = cp_alltoall_bytes(sh, c.micro, c.tp, c.cp, tr.w)
+    return (layers + recomputed / 2) * m * (size / bw + 8 * lat)
+
+
 def optimizer_time(params: int, c: Choice, tr: Training, cluster: Cluster) -> float:
     """Memory-bound AdamW over this rank's partition: grad, master, 2 moments read, master,
     moments and the working copy written."""
@@ -125,12 +140,15 @@ class Timing:
     tokens_per_s: float
     mfu: float
     bubble_share: float
+    cp: float = 0.0
+    """Context-parallel all-to-alls (part of ``step``)."""
 
     def rows(self) -> list[tuple[str, float]]:
         """(part, seconds) in the order the report prints them."""
-        return [("compute", self.compute), ("tensor-parallel all-reduce", self.tp),
+        rows = [("compute", self.compute), ("tensor-parallel all-reduce", self.tp),
                 ("pipeline bubble", self.bubble), ("pipeline sends", self.pp),
                 ("data-parallel reduce (exposed)", self.dp), ("optimizer step", self.optimizer)]
+        return rows + ([("context-parallel all-to-all", self.cp)] if self.cp else [])
 
 
 def rate(sh: Shape, c: Choice, cluster: Cluster, efficiency: float) -> float:
@@ -151,16 +169,19 @@ def estimate(sh: Shape, c: Choice, tr: Training, cluster: Cluster, counts: list[
     share = recomputed / layers if layers else 1.0
     compute = hardware_flops(sh, tr.global_batch, c.recompute, share) / world * imbalance / rate(
         sh, c, cluster, efficiency)
-    tp = tp_comm(sh, c, tr, cluster, layers, m, recomputed)
-    bubble = (compute + tp) * bubble_overhead(c.pp, m, c.vpp)
+    local = local_sequence(sh, c.cp)  # a cp rank's tp and pp traffic is on seq/cp tokens
+    tp = tp_comm(local, c, tr, cluster, layers, m, recomputed)
+    cp = cp_comm(sh, c, tr, cluster, layers, m, recomputed)
+    bubble = (compute + tp + cp) * bubble_overhead(c.pp, m, c.vpp)
     params = numel(stage_tensors(sh, c.tp, layers, True, c.pp == 1, c.pp))
-    dp = dp_comm(c, tr, cluster, params, m)
+    replicas = dataclasses.replace(c, dp=c.replicas, cp=1)  # gradients reduce over dp x cp
+    dp = dp_comm(replicas, tr, cluster, params, m)
     hidden = 0.5 * compute if tr.overlap_comm and c.zero >= 1 else 0.0
-    parts = (compute, tp, bubble, pp_comm(sh, c, tr, cluster, m), max(0.0, dp - hidden),
-             optimizer_time(params, c, tr, cluster))
-    step = sum(parts)
+    parts = (compute, tp, bubble, pp_comm(local, c, tr, cluster, m), max(0.0, dp - hidden),
+             optimizer_time(params, replicas, tr, cluster))
+    step = sum(parts) + cp
     peak = world * cluster.gpu.tflops * 1e12
     return Timing(*parts, step=step, samples_per_s=tr.global_batch / step,
                   tokens_per_s=tr.global_batch * sh.seq / step,
                   mfu=model_flops(sh, tr.global_batch) / step / peak,
-                  bubble_share=bubble / step)
+                  bubble_share=bubble / step, cp=cp)

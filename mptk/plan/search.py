@@ -1,4 +1,4 @@
-"""Layout search: enumerate tp (inside a node), pp, vpp, dp, ZeRO stage, micro-batch,
+"""Layout search: enumerate tp (inside a node), cp, pp, vpp, dp, ZeRO stage, micro-batch,
 recomputation and sequence parallelism; keep the valid layouts that fit; rank them by
 estimated tokens/s. :class:`Result` keeps why the others were dropped (the training
 preflight's own words for them come from ``mptk.cli.plan_report``, above this layer).
@@ -38,6 +38,8 @@ class Knobs:
     sp: bool = True
     pipeline: bool = True
     """The recipe has a pipeline forward (pp > 1 possible)."""
+    cp: bool = True
+    """Context parallelism (``parallel.cp``; token sequences only)."""
 
 
 def knobs_of(cfg: RunConfig) -> Knobs:
@@ -46,7 +48,8 @@ def knobs_of(cfg: RunConfig) -> Knobs:
         pipeline = registry.get(cfg.model.recipe).forward is not None
     except KeyError:
         pipeline = False
-    return Knobs(pipeline=pipeline)
+    images = cfg.data.source.value in ("digits", "image_folder")
+    return Knobs(pipeline=pipeline, cp=not images and cfg.model.attention.value == "sdpa")
 
 
 def divisors(n: int) -> list[int]:
@@ -83,14 +86,15 @@ def _inner(c: Choice, global_batch: int, knobs: Knobs, asked: Choice) -> Iterato
 
 
 def grid(sh: Shape, cluster: Cluster, knobs: Knobs) -> Iterator[Choice]:
-    """Every (tp, pp, vpp) with tp dividing the GPUs of a node and tp * pp the world."""
+    """Every (tp, cp, pp, vpp) with tp dividing the GPUs of a node and tp * cp * pp the world."""
     world = cluster.world
     for tp in divisors(cluster.gpus_per_node):
         if world % tp:
             continue
-        for pp in _pp_options(sh, world, tp, knobs):
-            for vpp in _vpp_options(sh, pp, knobs):
-                yield Choice(tp=tp, pp=pp, dp=world // (tp * pp), vpp=vpp)
+        for cp in divisors(world // tp) if knobs.cp else [1]:
+            for pp in _pp_options(sh, world // cp, tp, knobs):
+                for vpp in _vpp_options(sh, pp, knobs):
+                    yield Choice(tp=tp, pp=pp, dp=world // (tp * cp * pp), vpp=vpp, cp=cp)
 
 
 # --------------------------------------------------------------------------- validity
@@ -105,12 +109,22 @@ def model_problems(sh: Shape, c: Choice) -> list[str]:
         problems.append("tp does not divide the query groups")
     if sh.vocab and sh.vocab % c.tp:  # vocabulary-parallel embedding / output layer
         problems.append("tp does not divide the vocabulary")
-    return problems
+    return problems + cp_problems(sh, c)
+
+
+def cp_problems(sh: Shape, c: Choice) -> list[str]:
+    """Reasons Ulysses cannot split heads and sequence over cp (mirrors the preflight)."""
+    if c.cp == 1:
+        return []
+    if (sh.heads // c.tp) % c.cp or (sh.kv_heads // c.tp) % c.cp:
+        return ["cp does not divide the heads (or query groups) per tp rank"]
+    return ["context parallel needs seq % (2 * cp) == 0"] if sh.seq % (2 * c.cp) else []
 
 
 def sp_problems(sh: Shape, c: Choice) -> list[str]:
     """Reasons sequence parallelism cannot split the sequence (mirrors the preflight)."""
-    return ["sequence parallel needs seq % tp == 0"] if c.sp and sh.seq % c.tp else []
+    chunks = c.tp * (2 * c.cp if c.cp > 1 else 1)  # with cp, each of 2*cp chunks splits over tp
+    return ["sequence parallel needs seq % tp == 0"] if c.sp and sh.seq % chunks else []
 
 
 def batch_problems(c: Choice, global_batch: int) -> list[str]:
@@ -194,8 +208,9 @@ def overrides(cfg: RunConfig, c: Choice, cluster: Optional[Cluster] = None) -> l
     """The command-line overrides that select layout ``c`` (and the cluster size);
     ``parallel.vpp``, ``train.recompute`` and ``parallel.sp`` only where they differ from
     ``cfg``."""
-    asked = choice_of(cfg, c.tp * c.pp * c.dp)
+    asked = choice_of(cfg, c.tp * c.cp * c.pp * c.dp)
     out = [f"parallel.tp={c.tp}", f"parallel.pp={c.pp}", *_vpp(cfg, c.vpp)]
+    out += [f"parallel.cp={c.cp}"] if c.cp != asked.cp else []
     out += [f"zero.stage={c.zero}", f"train.micro_batch_size={c.micro}"]
     out += [f"train.recompute={c.recompute}"] if c.recompute != asked.recompute else []
     out += [f"parallel.sp={str(c.sp).lower()}"] if c.sp != asked.sp else []
@@ -218,7 +233,7 @@ def _cluster(cluster: Cluster) -> list[str]:
 def configured(cfg: RunConfig, c: Choice, world: int) -> RunConfig:
     """A copy of ``cfg`` set to layout ``c`` (what the training preflight would see)."""
     cfg = copy.deepcopy(cfg)
-    cfg.parallel.tp, cfg.parallel.pp = c.tp, c.pp
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp = c.tp, c.pp, c.cp
     cfg.parallel.vpp = c.vpp if c.vpp > 1 else None
     cfg.zero.stage, cfg.train.micro_batch_size = c.zero, c.micro
     cfg.train.recompute, cfg.parallel.sp = Recompute(c.recompute), c.sp

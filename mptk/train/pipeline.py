@@ -69,7 +69,9 @@ def forward_step_fn(recipe, collect: list):
         def loss_func(out):
             loss, metrics = reduce(out)
             collect.append((loss.detach().clone(), metrics))
-            return loss, {"loss": loss.detach().clone()}
+            # megatron's schedule multiplies a returned loss by the cp size (its DDP sums over
+            # cp); DeepSpeed averages over dp x cp, so undo it to match the pp=1 step.
+            return loss / ps.get_context_parallel_world_size(), {"loss": loss.detach().clone()}
 
         return output, loss_func
 

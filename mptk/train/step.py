@@ -16,10 +16,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def dp_mean(value: torch.Tensor) -> float:
-    """Mean of a scalar over the data-parallel group (the loss is equal on tp/pp peers)."""
+    """Mean of a scalar over dp x cp (the loss is equal on tp/pp peers). A cp rank's loss is
+    the mean over its own tokens, and every cp rank holds the same number of tokens, so the
+    mean over cp is the mean over all tokens of the sequence."""
     value = value.detach().clone().float()
-    dist.all_reduce(value, group=groups.dp_group())
-    return value.item() / groups.dp_size()
+    dist.all_reduce(value, group=groups.dp_cp_group())
+    return value.item() / groups.dp_cp_size()
 
 
 def counts_in_norm(param: torch.nn.Parameter) -> bool:
@@ -84,10 +86,10 @@ def train_step(engine, recipe, data, step: int, grad_acc: int, device,
 
 
 def dp_sums(sums: dict) -> dict:
-    """Per-key sums over the data-parallel group."""
+    """Per-key sums over dp x cp (a cp rank counts its own tokens)."""
     keys = sorted(sums)
     values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values, group=groups.dp_group())
+    dist.all_reduce(values, group=groups.dp_cp_group())
     return dict(zip(keys, values.tolist()))
 
 

@@ -25,8 +25,10 @@ from mptk.config import registry
 from mptk.config.schema import RunConfig
 from mptk.exitcodes import REQUEUE_EXIT_CODE
 from mptk.log import flops, profile, progress, ranklog, report, watchdog
+from mptk.log.memory import Recorder, report_peaks
 from mptk.log.metrics import Metrics
 from mptk.log.phases import Phases, across_ranks
+from mptk.models import init
 from mptk.parallel import groups
 from mptk.parallel.env import DistEnv
 from mptk.plan import partition
@@ -112,9 +114,10 @@ def build_model(recipe: registry.Recipe, cfg: RunConfig, layout: Layout, device,
     ModuleList of its chunks (built under the CPU device scope: tied embeddings at pp>1 are
     synchronised with a CUDA-assuming all-reduce during construction)."""
     stages = [None] if layout.vpp == 1 else list(range(layout.vpp))
-    with device_scope():
+    with device_scope(), init.deferred():
         chunks = [recipe.build(cfg.model, model_context(cfg, layout, vp, backend)).to(device)
                   for vp in stages]
+        init.initialise(chunks, cfg.train.seed)  # the same weights at every layout
     from mptk.models import speed  # parameter dtype and train.compile act on the built chunks
 
     speed.apply(chunks, cfg)
@@ -155,10 +158,12 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
     layout = preflight(cfg, env.world_size, torch.cuda.is_available())
     device = groups.resolve_device(cfg.train.device)
     backend = groups.resolve_backend(cfg.launcher.backend, device)
-    groups.init(env, layout.tp, layout.pp, device, backend, cfg.train.seed, layout.vpp)
+    groups.init(env, layout.tp, layout.pp, device, backend, cfg.train.seed, layout.vpp,
+                cp=layout.cp)
     cfg.run_dir = agree_run_dir(cfg.run_dir)
     ranklog.setup(cfg.run_dir, groups.rank())
-    say(f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp} grad_acc={layout.grad_acc} "
+    say(f"layout tp={layout.tp} cp={layout.cp} pp={layout.pp} dp={layout.dp} "
+        f"grad_acc={layout.grad_acc} "
         f"world={layout.world} on {device.type} ({backend}) launcher={env.launcher}; "
         f"run dir {cfg.run_dir}")
     recipe = registry.get(cfg.model.recipe)
@@ -176,7 +181,7 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
     start = resume.restore(engine, plan, cfg.run_dir)
     # Ranks other than 0 print their metrics lines into their own rank log only.
     metrics = Metrics(cfg, groups.rank() == 0, printer=ranklog.info, layout=layout,
-                      rank_printer=ranklog.info)
+                      rank_printer=ranklog.info, start_step=start)
     return Worker(cfg, layout, device, recipe, data, engine, metrics, stepper, start,
                   phases=phases,
                   step_flops=flops.step_flops(cfg.model, cfg.train.global_batch_size),
@@ -263,10 +268,10 @@ class Trainer:
         """Every remaining step. True when a stop signal ended the run early (after a
         checkpoint); False when it ran to ``train.steps``."""
         w = self.w
-        with self._instruments() as (dog, prof, bar):
+        with self._instruments() as (dog, prof, mem, bar):
             began = time.perf_counter()
             for step in range(w.start_step, w.cfg.train.steps):
-                record = self.step(step, prof)
+                record = self.step(step, prof, mem)
                 if should_eval(w.cfg, step + 1):
                     record.update(w.stepper.evaluate())
                 self.log(record, time.perf_counter() - began)
@@ -278,30 +283,36 @@ class Trainer:
 
     @contextlib.contextmanager
     def _instruments(self) -> Iterator[tuple]:
-        """The hang watchdog, the profiler window and the progress bar, for the loop's span."""
+        """The hang watchdog, the profiler window, the memory snapshot window and the progress
+        bar, for the loop's span."""
         cfg, rank = self.w.cfg, groups.rank()
         dog = watchdog.Watchdog(cfg.debug.hang_timeout_s, cfg.run_dir, rank).start()
         prof = profile.Window(cfg.profile, cfg.run_dir, rank)
+        mem = Recorder(cfg.debug, cfg.run_dir, rank, self.w.device, self.w.start_step, say)
         bar = progress.Bar(cfg.train.steps, self.w.start_step, cfg.log.progress and rank == 0)
         try:
-            yield dog, prof, bar.start()
+            yield dog, prof, mem, bar.start()
         finally:
             bar.stop()
             dog.stop()
             prof.close()
+            mem.close()
 
-    def step(self, step: int, prof) -> dict:
+    def step(self, step: int, prof, mem) -> dict:
         """Optimizer step ``step`` (0-based), its NaN check and its metrics row."""
         w, done = self.w, step + 1
         self.faults.before_step(done)
         start, lr = time.perf_counter(), w.engine.get_lr()[0]
         prof.begin(step)
-        loss, norm = w.stepper.train(step)
+        mem.begin(step)
+        with mem.guard(step):  # an out-of-memory error leaves a snapshot
+            loss, norm = w.stepper.train(step)
         loss = self.faults.loss(done, loss)
         watchdog.check_finite(w.cfg.debug, done, groups.rank(), loss, norm, w.cfg.run_dir,
                               lambda: batch_ids(w, step))
         record = row(w, done, loss, norm, lr, time.perf_counter() - start)
         prof.end(step)  # after the timing: writing the trace is not step time
+        mem.end(step)
         record.update(w.stepper.figures())
         w.phases.step_done()
         return record
@@ -324,6 +335,7 @@ class Trainer:
         """Flush metrics, write the report, say how the run ended; the worker's exit code."""
         cfg = self.w.cfg
         self.w.metrics.close()
+        report_peaks(self.w.device, groups.rank(), say)  # a collective, on every rank
         if groups.rank() == 0:
             report.write(cfg.run_dir)  # run_dir/report.png; never fails the run
         if stopped:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from megatron.core.models.gpt import GPTModel
+from typing import TYPE_CHECKING
 
 from mptk.config import registry
 from mptk.config.schema import ModelConfig, PositionEmbedding, RunConfig
 from mptk.config.shape import Embedding, Head, Shape, transformer
-from mptk.models import megatron
+
+if TYPE_CHECKING:  # torch and megatron load with the model, not with the config (mptk-plan)
+    import torch
+    from megatron.core.models.gpt import GPTModel
 
 
 @dataclass(kw_only=True, slots=True)
@@ -28,6 +29,10 @@ class GPTConfig(ModelConfig):
 
 def build(cfg: GPTConfig, ctx: registry.ModelContext) -> GPTModel:
     """This stage's part of the GPT (the whole model at pp=1)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from mptk.models import megatron
+
     config = megatron.config_for(cfg, ctx)
     spec = megatron.layer_spec(cfg, sp=ctx.sp)
     return GPTModel(
@@ -43,6 +48,8 @@ def build(cfg: GPTConfig, ctx: registry.ModelContext) -> GPTModel:
 def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
     """megatron's convention: True where attention is blocked. Passed explicitly because
     megatron's fallback builds it on CUDA; SDPA ignores it and uses its causal kernel."""
+    import torch
+
     return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device),
                       diagonal=1)[None, None]
 
@@ -50,8 +57,12 @@ def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
 def forward(model: GPTModel, batch: dict):
     """This stage's output (per-token losses on the last stage) and the function reducing it
     to ``(loss, metrics)`` — the pipeline schedule calls the latter on the last stage only."""
+    import torch
+
     tokens, labels = batch["tokens"], batch["labels"]
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    positions = batch.get("positions")  # a cp rank's tokens are not 0..s-1 (data Place.cut)
+    if positions is None:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     output = model(tokens, positions, causal_mask(tokens.shape[1], tokens.device), labels=labels)
     return output, lambda per_token: (per_token.float().mean(), {"tokens": tokens.numel()})
 
@@ -98,6 +109,8 @@ def shape(cfg: GPTConfig) -> Shape:
 
 def example_batch(cfg: GPTConfig, micro: int, generator: torch.Generator) -> dict:
     """Random token ids of the model's vocabulary and sequence length."""
+    import torch
+
     tokens = torch.randint(0, cfg.vocab_size, (micro, cfg.seq_length + 1), generator=generator)
     return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
 

@@ -105,3 +105,26 @@ def test_without_the_tp_sum_of_norm_gradients_sp_differs(tiny, tmp_path):
     broken = run_world(losses, 2, tiny(*common, "parallel.tp=2", "parallel.sp=true"), 3, True,
                        tmp=tmp_path)[0]
     assert not np.allclose(broken["grad_norm"], ref["grad_norm"], rtol=1e-5, atol=0)
+
+
+def test_recompute_at_pp2_vpp2_equals_pp1(tiny, reference, tmp_path):  # noqa: F811
+    """Interleaved stages checkpoint each of their chunks' layers."""
+    got = run_pipe(tiny, reference, tmp_path, 2, "parallel.tp=1", "parallel.pp=2", "parallel.vpp=2",
+                   "zero=zero0", "train.recompute=full", "train.recompute_layers=1")
+    assert got[0]["stages"] == [1, 1, 1, 1]
+    assert_same(reference[0], got[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [("train.dtype=bf16", "zero=zero1"), ("train.compile=true", "zero=zero0")],
+                         ids=["bf16", "compile"])
+def test_recompute_equals_none_in_bf16_and_compiled(tiny, tmp_path, extra):
+    """Recomputation reruns the same kernels on the same inputs with the RNG state of the forward
+    (dropout on): in bf16 (ZeRO-1, where DeepSpeed's bf16 optimizer runs) and with compiled layers
+    the losses are those without it."""
+    common = ("launcher.nproc_per_node=2", "parallel.tp=2", "model.hidden_dropout=0.1",
+              "model.attention_dropout=0.1", *extra)
+    runs = {how: run_world(losses, 2, tiny(*common, f"train.recompute={how}"), 3, tmp=tmp_path)[0]
+            for how in ("none", "selective", "full")}
+    assert_same(runs["none"], runs["selective"], rtol=1e-6)
+    assert_same(runs["none"], runs["full"], rtol=1e-6)
+    assert runs["none"]["loss"][0] != runs["none"]["loss"][-1]

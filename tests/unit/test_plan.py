@@ -314,3 +314,20 @@ def test_overrides_set_recompute_and_sp(big):
     assert "train.recompute=none" in back and "parallel.sp=false" in back
     cfg = s.configured(big, c, 512)
     assert cfg.train.recompute.value == "selective" and cfg.parallel.sp is True
+
+
+def test_dropout_masks_take_their_own_bytes():
+    """16-bit with 1-byte masks is Korthikanti's formula; fp32 doubles every term but the masks
+    (a GPU keeps bool masks), and on the CPU masks of the activation dtype add w - 1 per element."""
+    from mptk.config.shape import Shape
+    from mptk.plan import cost
+
+    s = Shape(recipe="gpt", layers=2, hidden=64, heads=4, kv_heads=4, ffn=256, seq=32, vocab=512,
+              flash=False)
+    paper = cost.korthikanti(32, 2, 64, 4, 2)
+    assert cost.layer_activations(s, 2, 2, False, "none", 2) == paper
+    masks = cost.dropout_masks(s, 2, 2, False, "none")
+    assert masks == 2 * 32 * 2 * 64 + 4 * 32 * 32 * 2 / 2
+    assert cost.layer_activations(s, 2, 2, False, "none", 4) == 2 * paper - masks
+    assert cost.layer_activations(s, 2, 2, False, "none", 4, mask=4) == 2 * paper + 2 * masks
+    assert cost.dropout_masks(s, 2, 2, False, "full") == 0

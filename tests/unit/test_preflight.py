@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mptk.config import registry
+from mptk.config.checks import clamp_warmup
 from mptk.config.schema import (
     Backend,
     DataConfig,
@@ -136,8 +137,16 @@ BAD = {
     "steps<1": ({"train.steps": 0}, 4, False, ["train.steps(0) must be >= 1"]),
     "lr<=0": ({"optim.lr": 0.0}, 4, False, ["optim.lr(0.0) must be > 0"]),
     "min_lr>lr": ({"optim.min_lr": 0.1}, 4, False, ["optim.min_lr(0.1) > optim.lr(0.001); set min_lr <= lr"]),
-    "warmup>steps": (
-        {"optim.warmup_steps": 200}, 4, False, ["optim.warmup_steps(200) > train.steps(100)"],
+    "profile window inverted": (
+        {"profile.start_step": 5, "profile.end_step": 2}, 4, False,
+        ["profile.end_step(2) <= profile.start_step(5)", "set profile.end_step=6 or more"],
+    ),
+    "profile window empty": (
+        {"profile.start_step": 3, "profile.end_step": 3}, 4, False, ["profile.end_step(3) <= "],
+    ),
+    "hang timeout<0": (
+        {"debug.hang_timeout_s": -1.0}, 4, False,
+        ["debug.hang_timeout_s(-1.0) < 0", "0 to turn the hang watchdog off"],
     ),
     "grad_clip<0": ({"optim.grad_clip": -1.0}, 4, False, ["optim.grad_clip(-1.0) must be >= 0"]),
     "log_interval<1": ({"train.log_interval": 0}, 4, False, ["train.log_interval(0) must be >= 1"]),
@@ -169,6 +178,23 @@ def test_bad_config_names_its_factors_and_fix(changes, world, cuda, parts):
     assert lines == info.value.problems
     for part in parts:
         assert any(part in line for line in lines), f"{part!r} not in {lines}"
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning():
+    cfg = make({"optim.warmup_steps": 200})
+    note = clamp_warmup(cfg)
+    assert note is not None and "optim.warmup_steps(200) > train.steps(100)" in note
+    assert "clamped to 100" in note
+    assert cfg.optim.warmup_steps == 100
+    assert clamp_warmup(cfg) is None
+    assert preflight(cfg, world_size=4, cuda_available=False).dp == 2
+
+
+def test_a_short_warmup_is_left_alone_and_profiling_off_is_fine():
+    cfg = make({"optim.warmup_steps": 100, "profile.start_step": -1, "profile.end_step": -1,
+                "debug.hang_timeout_s": 0.0})
+    assert clamp_warmup(cfg) is None and cfg.optim.warmup_steps == 100
+    assert preflight(cfg, world_size=4, cuda_available=False).dp == 2
 
 
 def test_every_problem_is_reported_at_once():

@@ -162,7 +162,8 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
                 cp=layout.cp)
     cfg.run_dir = agree_run_dir(cfg.run_dir)
     ranklog.setup(cfg.run_dir, groups.rank())
-    say(f"layout tp={layout.tp} cp={layout.cp} pp={layout.pp} dp={layout.dp} "
+    cp = f"cp={layout.cp} " if layout.cp > 1 else ""  # shown when it splits sequences
+    say(f"layout tp={layout.tp} pp={layout.pp} {cp}dp={layout.dp} "
         f"grad_acc={layout.grad_acc} "
         f"world={layout.world} on {device.type} ({backend}) launcher={env.launcher}; "
         f"run dir {cfg.run_dir}")

@@ -92,10 +92,13 @@ def _draw_nothing(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def initialise(chunks: Sequence[torch.nn.Module], seed: int) -> None:
-    """Set every parameter of this rank's model chunks from ``seed`` and its global identity."""
+    """Set every parameter of this rank's model chunks from ``seed`` and its global identity.
+    A chunk without megatron's ``sharded_state_dict`` (a recipe's plain torch model, which runs
+    at tp = pp = 1) keeps the initialisation torch gave it when built."""
     with torch.no_grad():
         for chunk in chunks:
-            _initialise_chunk(chunk, seed)
+            if hasattr(chunk, "sharded_state_dict"):
+                _initialise_chunk(chunk, seed)
 
 
 def _initialise_chunk(chunk: torch.nn.Module, seed: int) -> None:

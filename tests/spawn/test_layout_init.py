@@ -6,6 +6,7 @@ tp attributes (fused QKV: contiguous query groups; SwiGLU fc1: ``[gate_i; up_i]`
 import pytest
 import torch
 from harness import run_world
+from test_pipeline import chunks, global_key
 
 pytestmark = pytest.mark.spawn
 
@@ -19,20 +20,6 @@ LAYOUTS = {
     "tp4": ("parallel.tp=4",),
     "pp2_untied": ("parallel.tp=1", "parallel.pp=2", "model.tie_embeddings=false"),
 }
-
-
-def chunks_of(model):
-    return list(model) if isinstance(model, torch.nn.ModuleList) else [model]
-
-
-def global_name(chunk, key: str) -> str:
-    """A stage's parameter name -> the one-process model's name (global layer number)."""
-    parts = key.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
-    if key == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
-        return "embedding.word_embeddings.weight"
-    return ".".join(parts)
 
 
 def tp_slice(full: torch.Tensor, param: torch.Tensor, name: str) -> torch.Tensor:
@@ -80,10 +67,10 @@ def compare_layouts(env, refs: dict, configs: dict):
         relayout(preflight(cfg, env.world_size, False))
         layout, model = build(cfg, env.world_size)
         worst, layers = 0.0, []
-        for chunk in chunks_of(model):
+        for chunk in chunks(model):
             layers += [layer.layer_number for layer in chunk.decoder.layers]
             for key, param in chunk.named_parameters():
-                want = tp_slice(full[ref][global_name(chunk, key)], param, key)
+                want = tp_slice(full[ref][global_key(chunk, key)], param, key)
                 worst = max(worst, (param - want).abs().max().item())
         out[name] = (worst, layers, list(layout.stage_layers))
     return out

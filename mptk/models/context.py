@@ -49,30 +49,18 @@ def _heads_to_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
     return blocks.permute(1, 2, 0, 3, 4).reshape(total // cp, b, cp * hc, d)
 
 
-class SeqToHeads(torch.autograd.Function):
-    """:func:`_seq_to_heads` whose gradient is the inverse all-to-all."""
+class Redistribute(torch.autograd.Function):
+    """:func:`_seq_to_heads` (``to_heads``) or :func:`_heads_to_seq`; each one's gradient is
+    the other all-to-all."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class HeadsToSeq(torch.autograd.Function):
-    """:func:`_heads_to_seq` whose gradient is the forward all-to-all."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 def gathered_order(seq_length: int, cp: int) -> torch.Tensor:
@@ -116,9 +104,9 @@ class UlyssesAttention(SdpaAttention):
         mask_type = attn_mask_type or self.attn_mask_type
         if mask_type != AttnMaskType.causal and attention_mask is not None:
             raise ValueError("context parallelism splits causal or unmasked attention only")
-        q, k, v = (SeqToHeads.apply(t, self.cp_group) for t in (query, key, value))
+        q, k, v = (Redistribute.apply(t, self.cp_group, True) for t in (query, key, value))
         to_natural, to_gathered = self._order(q.shape[0], q.device)
         q, k, v = (t.index_select(0, to_natural) for t in (q, k, v))
         out = self.attend(q, k, v, None, mask_type).index_select(0, to_gathered)
-        out = HeadsToSeq.apply(out, self.cp_group)
+        out = Redistribute.apply(out, self.cp_group, False)
         return out.reshape(out.shape[0], out.shape[1], self.hidden_per_partition)

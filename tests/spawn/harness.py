@@ -33,3 +33,24 @@ def assert_same(ref: dict, got: dict, rtol: float = 1e-5) -> None:
     np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=rtol, atol=0)
     np.testing.assert_allclose(got["eval"]["eval_loss"], ref["eval"]["eval_loss"], rtol=rtol)
     assert got["eval"]["eval_top1"] == ref["eval"]["eval_top1"]
+
+
+def train_steps(worker, steps: int) -> dict:
+    """Per-step loss and grad norm of ``steps`` steps of a set-up worker (``mptk.train.loop``)."""
+    from mptk.train.loop import one_step
+
+    out: dict = {"loss": [], "grad_norm": []}
+    for step in range(steps):
+        loss, norm = one_step(worker, step)
+        out["loss"].append(loss)
+        out["grad_norm"].append(norm)
+    return out
+
+
+def assert_steps_same(ref: dict, got: dict, rtol: float = 1e-5,
+                      norm_rtol: float | None = None) -> None:
+    """Two runs' per-step losses (and grad norms, within ``norm_rtol`` when given) agree."""
+    import numpy as np
+
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=rtol, atol=0)
+    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=norm_rtol or rtol, atol=0)

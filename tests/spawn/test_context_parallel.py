@@ -6,7 +6,7 @@ cp peers' gradients left unreduced (run last in the same world), cp=2 no longer 
 
 import numpy as np
 import pytest
-from harness import run_world, tiny_overrides
+from harness import assert_steps_same, run_world, tiny_overrides, train_steps
 
 pytestmark = pytest.mark.spawn
 
@@ -26,7 +26,7 @@ ROPE = {"cp2-dp2-z1-rope": ("parallel.cp=2", "zero=zero1"),
 def train_all(env, configs: dict, steps: int, broken=None) -> dict:
     """Per layout (in order, in these processes): per-step loss and grad norm, then eval;
     then, when given, the ``broken`` config without the cp gradient reduction."""
-    from mptk.train.loop import one_eval, one_step, setup
+    from mptk.train.loop import one_eval, setup
 
     out = {}
     if broken is not None:
@@ -35,11 +35,7 @@ def train_all(env, configs: dict, steps: int, broken=None) -> dict:
         if name == "broken":
             unreduce_cp()
         w = setup(cfg, env)
-        run = {"loss": [], "grad_norm": []}
-        for step in range(steps):
-            loss, norm = one_step(w, step)
-            run["loss"].append(loss)
-            run["grad_norm"].append(norm)
+        run = train_steps(w, steps)
         run["eval_loss"] = one_eval(w)["eval_loss"]
         out[name] = run
     return out
@@ -73,8 +69,7 @@ def make(cache, folder, *overrides):
 
 
 def assert_same(ref: dict, got: dict, rtol: float = 1e-5) -> None:
-    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=rtol, atol=0)
+    assert_steps_same(ref, got, rtol)
     np.testing.assert_allclose(got["eval_loss"], ref["eval_loss"], rtol=rtol, atol=0)
 
 

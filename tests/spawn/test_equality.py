@@ -4,7 +4,7 @@ tp2 x dp2 must reproduce the reference run's losses on the same weights and batc
 import numpy as np
 import pytest
 import torch.distributed as dist
-from harness import run_world
+from harness import assert_steps_same, run_world, train_steps
 
 pytestmark = pytest.mark.spawn
 
@@ -14,14 +14,9 @@ def train_losses(env, cfg, steps):
     from megatron.core import parallel_state as ps
 
     from mptk.train.loop import setup
-    from mptk.train.step import train_step
 
     w = setup(cfg, env)
-    out = {"loss": [], "grad_norm": []}
-    for step in range(steps):
-        loss, norm = train_step(w.engine, w.recipe, w.data, step, w.layout.grad_acc, w.device)
-        out["loss"].append(loss)
-        out["grad_norm"].append(norm)
+    out = train_steps(w, steps)
     out["ds_dp_world"] = w.engine.dp_world_size
     out["ds_dp_ranks"] = dist.get_process_group_ranks(w.engine.data_parallel_group)
     out["mg_dp_ranks"] = dist.get_process_group_ranks(ps.get_data_parallel_group())
@@ -29,8 +24,7 @@ def train_losses(env, cfg, steps):
 
 
 def assert_same(ref, other, rtol):
-    np.testing.assert_allclose(other["loss"], ref["loss"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(other["grad_norm"], ref["grad_norm"], rtol=rtol * 10, atol=0)
+    assert_steps_same(ref, other, rtol, norm_rtol=rtol * 10)
 
 
 def test_tp2_equals_tp1(tiny, tmp_path):

@@ -5,7 +5,8 @@ parallel norm gradients, tp=2 with sp no longer equals tp=1."""
 
 import numpy as np
 import pytest
-from harness import run_world
+from harness import assert_steps_same as assert_same
+from harness import run_world, train_steps
 from test_pipeline import reference, run_pipe  # noqa: F401  (reference: the pp=1 fixture)
 
 pytestmark = pytest.mark.spawn
@@ -14,22 +15,11 @@ pytestmark = pytest.mark.spawn
 def losses(env, cfg, steps, drop_tp_sum=False):
     """Per-step loss and grad norm; ``drop_tp_sum`` removes the sp norm-gradient reduction."""
     from mptk.engine import grads
-    from mptk.train.loop import one_step, setup
+    from mptk.train.loop import setup
 
     if drop_tp_sum:
         grads.sum_over_tp = lambda model, group, size: 0
-    w = setup(cfg, env)
-    out = {"loss": [], "grad_norm": []}
-    for step in range(steps):
-        loss, norm = one_step(w, step)
-        out["loss"].append(loss)
-        out["grad_norm"].append(norm)
-    return out
-
-
-def assert_same(ref, got, rtol):
-    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=rtol, atol=0)
+    return train_steps(setup(cfg, env), steps)
 
 
 def _module_run(folder, data_cache, *overrides):

@@ -3,10 +3,10 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from harness import run_world
+from harness import assert_steps_same as assert_same
+from harness import run_world, train_steps
 
 pytestmark = pytest.mark.spawn
 
@@ -54,20 +54,10 @@ class load_weights(save_weights):
 
 
 def train_losses(env, cfg, steps, hook):
-    from mptk.train.loop import one_step, setup
+    from mptk.train.loop import setup
 
     w = setup(cfg, env, prepare_model=hook)
-    out = {"loss": [], "grad_norm": [], "stages": list(w.layout.stage_layers)}
-    for step in range(steps):
-        loss, norm = one_step(w, step)
-        out["loss"].append(loss)
-        out["grad_norm"].append(norm)
-    return out
-
-
-def assert_same(ref, got, rtol=1e-5):
-    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=rtol, atol=0)
+    return {**train_steps(w, steps), "stages": list(w.layout.stage_layers)}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 
 import numpy as np
 import pytest
-from harness import run_world
+from harness import run_world, train_steps
 
 pytestmark = pytest.mark.spawn
 
@@ -15,16 +15,12 @@ def losses(env, cfg, cast=True):
     """Losses and grad norms of STEPS steps through mptk's own setup/one_step; ``cast=False``
     skips the build-time dtype cast (what mptk did before it)."""
     from mptk.models import speed
-    from mptk.train.loop import one_step, setup
+    from mptk.train.loop import setup
 
     if not cast:
         speed.cast_params = lambda model, dtype: 0
     w = setup(cfg, env)
-    out = {"loss": [], "grad_norm": []}
-    for step in range(STEPS):
-        loss, norm = one_step(w, step)
-        out["loss"].append(loss)
-        out["grad_norm"].append(norm)
+    out = train_steps(w, STEPS)
     import torch._dynamo.utils as dynamo_utils
 
     out["graphs"] = dynamo_utils.counters["stats"]["unique_graphs"]

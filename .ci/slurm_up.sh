@@ -10,7 +10,7 @@
 # Two nodes: this Slurm build runs one slurmd per network stack, so each extra node is a network
 # namespace (mptk-n1, mptk-n2: 10.77.0.1/.2 on bridge mptkbr0, host side 10.77.0.254, names in
 # /etc/hosts) running its own slurmd; slurmctld is then addressed as 10.77.0.254 so the
-# namespaces reach it. Tasks there see an interface "eth0" (for GLOO_SOCKET_IFNAME).
+# namespaces reach it. Tasks there see an interface "eth0" (mptk picks it for gloo: the route to MASTER_ADDR).
 #
 # Why these settings (see shared/STACK_NOTES.md, section Slurm):
 #   ProctrackType=proctrack/linuxproc  no cgroup v1/v2 delegation needed inside a container

@@ -11,7 +11,9 @@
 # Environment knobs: WHEELS (.whl), OUT (bench-out), BENCH_VARIANTS, BENCH_STEPS (15),
 # BENCH_WARMUP (3), BENCH_TIMEOUT (seconds per variant, 240), BENCH_BUDGET (seconds for the
 # whole bench, 420), BENCH_ARGS (more mptk-bench arguments / Hydra overrides), BENCH_SHAPE
-# (1p3b), SKIP_INSTALL=1 (a dry run where mptk's packages are installed: here, on the CPU).
+# (1p3b), SKIP_INSTALL=1 (a dry run where mptk's packages are installed: here, on the CPU),
+# OBS_CHECK=0 (skip the observability checks: memory snapshot + nsys capture range, ~1-2 min),
+# BENCH=0 (only those checks, no mptk-bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,6 +81,68 @@ for _ in range(20):
 torch.cuda.synchronize()
 print(f"matmul_bf16_tflops {20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12:.0f}")
 EOF
+
+# Observability on the card: debug.memory_snapshot's pickle read back by PyTorch's memory
+# visualiser, and the sbatch templates' nsys wrapper (the same block, from mptk.launch.slurm)
+# capturing exactly the profile window through cudaProfilerStart/Stop. A tiny GPT, one rank.
+OBS_ARGS=(launcher=local1 parallel=single log=disabled train.steps=6 train.eval_interval=0 train.save_interval=-1
+          data.max_chars=300000 data.cache_dir=/tmp/mptk-obs-cache)
+
+memory_snapshot_check() {
+    local run=$OUT/obs_memory
+    say "debug.memory_snapshot: tiny GPT, 6 steps, snapshot window of 3 steps -> $run/memory"
+    timeout 240 python3 -m mptk.cli.train "${OBS_ARGS[@]}" debug.memory_snapshot=true \
+        debug.memory_snapshot_steps=3 "hydra.run.dir=$run" > "$OUT/obs_memory.log" 2>&1
+    say "train exit $? (log: $OUT/obs_memory.log)"
+    grep -h "memory snapshot of rank\|peak memory over\|CUDA-only" "$OUT/obs_memory.log" "$run"/logs/*.log \
+        2> /dev/null | sort -u | tail -n 4
+    python3 - "$run/memory/rank0_step3.pickle" "$OUT/obs_memory_trace.html" <<'PY' || say "memory snapshot check FAILED"
+import pickle, sys
+from torch.cuda import _memory_viz
+snap = pickle.load(open(sys.argv[1], "rb"))
+events = sum(len(t) for t in snap["device_traces"])
+print(f"memory_snapshot segments {len(snap['segments'])} trace_events {events}")
+assert snap["segments"] and events > 0, "empty snapshot"
+open(sys.argv[2], "w").write(_memory_viz.trace_plot(snap))  # what pytorch.org/memory_viz draws
+print(f"memory_viz trace_plot written: {sys.argv[2]}")
+PY
+}
+
+nsys_check() {
+    local RUN_DIR=$OUT/obs_nsys NSYS=()
+    if ! command -v nsys > /dev/null; then
+        say "nsys not on PATH: nsys wrapper check skipped"
+        return 0
+    fi
+    say "nsys wrapper (slurm template block), profile window steps 2..4 -> $RUN_DIR/nsys"
+    export MPTK_NSYS=1 SLURM_PROCID=0
+    eval "$(python3 -c 'from mptk.config.schema import ClusterConfig
+from mptk.launch.slurm import nsys_block
+print(nsys_block(ClusterConfig(nsys=True)))')"
+    timeout 300 "${NSYS[@]}" python3 -m mptk.cli.train "${OBS_ARGS[@]}" profile.start_step=2 \
+        profile.end_step=4 "hydra.run.dir=$RUN_DIR" > "$OUT/obs_nsys.log" 2>&1
+    say "nsys + train exit $? (log: $OUT/obs_nsys.log)"
+    unset MPTK_NSYS SLURM_PROCID
+    ls -la "$RUN_DIR/nsys" 2> /dev/null
+    local rep=$RUN_DIR/nsys/rank_0.nsys-rep
+    [[ -s "$rep" ]] || { say "nsys check FAILED: no $rep"; return 1; }
+    # The captured range holds the window's kernels and mptk's NVTX phase ranges, nothing else.
+    nsys stats --report nvtx_sum --format csv --output - "$rep" 2> /dev/null | head -n 12
+    nsys stats --report cuda_gpu_kern_sum --format csv --output - "$rep" 2> /dev/null | head -n 6
+}
+
+if [[ "${OBS_CHECK:-1}" != 0 ]]; then
+    if python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+        memory_snapshot_check
+        nsys_check
+    else
+        say "no GPU: memory snapshot and nsys checks skipped"
+    fi
+fi
+if [[ "${BENCH:-1}" == 0 ]]; then
+    say "done (BENCH=0)"
+    exit 0
+fi
 
 VARIANTS=${BENCH_VARIANTS:-torch_compile,torch_eager,zero1_compile,zero1,zero0_compile,zero1_fused}
 SHAPE=${BENCH_SHAPE:-1p3b}

@@ -131,6 +131,9 @@ def problems(cfg: Any, init_from: str) -> list[str]:
     its config.json (one line per field, with the override that fixes it)."""
     folder = hf_dir(init_from)
     assert folder is not None
+    if cfg.model.recipe != "gpt":
+        return [f"train.init_from={init_from}: Hugging Face folders initialise GPT models; "
+                f"model.recipe is {cfg.model.recipe}"]
     try:
         hf = read_config(folder)
     except CheckpointError as err:
@@ -138,6 +141,26 @@ def problems(cfg: Any, init_from: str) -> list[str]:
     if not ((folder / WEIGHTS).is_file() or (folder / INDEX).is_file()):
         return [f"train.init_from={init_from}: no {WEIGHTS} in {folder}"]
     return names.mismatches(cfg.model, hf, str(folder))
+
+
+def chosen_model_fields(overrides: list[str]) -> set[str]:
+    """``model.*`` field names set by command-line ``overrides`` (``model.x=``, ``+model.x=``)."""
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o)
+    return {k[len("model."):] for k in keys if k.startswith("model.")}
+
+
+def fill_model(cfg: Any, overrides: list[str]) -> list[str]:
+    """With ``train.init_from=hf:DIR``: the ``model.*`` fields the command line did not set
+    are taken from DIR/config.json (the rest is checked by :func:`problems`). Returns the
+    ``name=value`` changes; an unreadable folder changes nothing (:func:`problems` says why)."""
+    folder = hf_dir(cfg.train.init_from)
+    if folder is None or cfg.model.recipe != "gpt":
+        return []
+    try:
+        hf = read_config(folder)
+    except (CheckpointError, ValueError):
+        return []
+    return names.fill(cfg.model, hf, chosen_model_fields(overrides))
 
 
 def full_state(model: Any, folder: Path) -> dict[str, torch.Tensor]:
@@ -179,23 +202,25 @@ def global_name(chunk: torch.nn.Module, key: str) -> str:
 
 
 def shard(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
-    """This tp rank's slice of ``full`` for ``param``: the one dimension where the shapes
-    differ is the partitioned one (megatron's tp attributes are not on every parameter); a
-    SwiGLU ``fc1`` shard is ``[gate_i; up_i]``."""
-    if full.shape == param.shape:
+    """This tp rank's slice of ``full`` for ``param``, along the ``partition_dim`` megatron
+    marks its tensor-parallel parameters with (``tensor_model_parallel``; kept by
+    :mod:`mptk.models.init`); a replicated parameter is ``full`` itself. A SwiGLU ``fc1``
+    shard is ``[gate_i; up_i]``."""
+    if not getattr(param, "tensor_model_parallel", False):
+        if full.shape != param.shape:
+            raise CheckpointError(f"shape {tuple(full.shape)} differs from mptk's replicated "
+                                  f"{tuple(param.shape)}")
         return full
-    differ = [d for d, (a, b) in enumerate(zip(full.shape, param.shape)) if a != b]
-    if full.dim() != param.dim() or len(differ) != 1:
-        raise CheckpointError(f"shape {tuple(full.shape)} does not shard to mptk's "
-                              f"{tuple(param.shape)}")
     from megatron.core import parallel_state
 
     tp, rank = (parallel_state.get_tensor_model_parallel_world_size(),
                 parallel_state.get_tensor_model_parallel_rank())
-    dim = differ[0]
-    if full.shape[dim] != tp * param.shape[dim]:
+    dim = int(param.partition_dim)  # type: ignore[attr-defined]
+    want = list(param.shape)
+    want[dim] *= tp
+    if list(full.shape) != want:
         raise CheckpointError(f"shape {tuple(full.shape)} is not tp={tp} x mptk's "
-                              f"{tuple(param.shape)}")
+                              f"{tuple(param.shape)} along dim {dim}")
     if gated:
         gate, up = full.chunk(2, dim=dim)
         return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)

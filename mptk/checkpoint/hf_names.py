@@ -23,7 +23,7 @@ from mptk.config.schema import Activation, Normalization, PositionEmbedding
 
 Tensor = torch.Tensor
 ROPE_THETA = 10000.0
-"""megatron ``GPTModel``'s default ``rotary_base`` (the GPT recipe does not change it)."""
+"""megatron ``GPTModel``'s default ``rotary_base`` (``model.rotary_base``)."""
 
 
 class Family(Enum):
@@ -84,7 +84,7 @@ def hf_config(model: Any, fam: Family, eod: int) -> dict[str, Any]:
                 "num_attention_heads": d["heads"], "num_key_value_heads": d["groups"],
                 "head_dim": d["head_dim"], "hidden_act": "silu",
                 "max_position_embeddings": model.seq_length, "rms_norm_eps": model.norm_epsilon,
-                "rope_theta": ROPE_THETA, "attention_bias": model.bias, "mlp_bias": model.bias,
+                "rope_theta": float(model.rotary_base), "attention_bias": model.bias, "mlp_bias": model.bias,
                 "tie_word_embeddings": model.tie_embeddings, "bos_token_id": eod,
                 "eos_token_id": eod, "torch_dtype": "float32"}
     act = "gelu_new" if model.activation is Activation.gelu_tanh else "gelu"
@@ -122,9 +122,9 @@ def _llama_fields(hf: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         lines.append(f"config.json hidden_act={hf['hidden_act']}: mptk's SwiGLU is silu")
     theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", ROPE_THETA))
     scaling = (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("rope_type", "default")
-    if float(theta) != ROPE_THETA or scaling != "default":
-        lines.append(f"config.json rope_theta={theta} rope_type={scaling}: mptk's GPT uses "
-                     f"theta {ROPE_THETA:g} without scaling")
+    if scaling != "default":
+        lines.append(f"config.json rope_type={scaling}: mptk's RoPE has no scaling (only "
+                     f"rope_theta, as model.rotary_base)")
     if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
         lines.append("config.json attention_bias != mlp_bias: mptk has one switch (model.bias)")
     fields = {"num_layers": hf["num_hidden_layers"], "hidden_size": hidden,
@@ -134,7 +134,8 @@ def _llama_fields(hf: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
               "position_embedding": PositionEmbedding.rope, "normalization": Normalization.RMSNorm,
               "activation": Activation.swiglu, "bias": bool(hf.get("attention_bias", False)),
               "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
-              "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+              "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+              "rotary_base": float(theta)}
     return fields, lines
 
 
@@ -170,17 +171,35 @@ def _comparable(name: str, value: Any, model: Any) -> Any:
     return have, value
 
 
+def _shown(value: Any) -> Any:
+    return "null" if value is None else value.value if isinstance(value, Enum) else value
+
+
 def mismatches(model: Any, hf: dict[str, Any], where: str) -> list[str]:
     """One line per ``model.*`` field that differs from what ``where``/config.json says."""
     fields, lines = model_fields(hf)
     for name, value in fields.items():
         have, want = _comparable(name, value, model)
         if have != want:
-            shown = want.value if isinstance(want, Enum) else want
-            mine = have.value if isinstance(have, Enum) else have
-            lines.append(f"model.{name}={mine} but {where}/config.json says {shown}: add "
-                         f"model.{name}={'null' if shown is None else shown}")
+            lines.append(f"model.{name}={_shown(have)} but {where}/config.json says "
+                         f"{_shown(want)}: use model.{name}={_shown(want)} or leave "
+                         f"model.{name} out (then config.json's value is taken)")
     return lines
+
+
+def fill(model: Any, hf: dict[str, Any], chosen: set[str]) -> list[str]:
+    """Set every ``model.*`` field config.json implies, except the ``chosen`` ones (set on
+    the command line: :func:`mismatches` checks those). Returns ``name=value`` per change."""
+    fields, _ = model_fields(hf)
+    changed = []
+    for name, value in fields.items():
+        if name in chosen or not hasattr(model, name):
+            continue
+        have, want = _comparable(name, value, model)
+        if have != want:
+            setattr(model, name, value)
+            changed.append(f"{name}={_shown(value)}")
+    return changed
 
 
 # --------------------------------------------------------------------------- weights

@@ -23,14 +23,25 @@ import torch
 from mptk.checkpoint import format as fmt
 from mptk.checkpoint import hf, state
 from mptk.checkpoint.format import CheckpointError
+from mptk.checkpoint.optim_state import OPTIM
 from mptk.checkpoint.ranks import from_rank0, rank, say, warn
 from mptk.config.checks import checkpoint_problems
 
 RESUME, INIT_FROM, FRESH = "resume", "init_from", "fresh"
 INIT_FROM_HF = "init_from_hf"
 """Weights only, from a Hugging Face folder (``train.init_from=hf:DIR``)."""
-RESUME_KEYS = ("tp", "pp", "vpp", "dp", "zero_stage", "dtype", "global_batch_size")
-"""What must match for a full resume (DeepSpeed's optimizer state is not reshardable here)."""
+RESHARD_KEYS = ("tp", "pp", "vpp", "dp", "cp", "ep", "stage_layers", "zero_stage")
+"""What a full resume may change: the weights and the optimizer state are resharded
+(:mod:`mptk.checkpoint.optim_state`); DeepSpeed's own copy needs them all equal."""
+FIXED_KEYS = ("dtype", "global_batch_size")
+"""What a full resume keeps (the saved master precision; the data position in samples)."""
+RESUME_KEYS = RESHARD_KEYS + FIXED_KEYS
+"""What must match for DeepSpeed's own, bit-exact resume."""
+SHAPE_KEYS = ("recipe", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups", "kv_channels", "vocab_size", "num_experts")
+"""Model fields no resume can change (the tensors' global shapes)."""
+_DEFAULTS = {"cp": 1, "stage_layers": [], "ep": 1}
+_SHORT = {"zero_stage": "zero", "stage_layers": "stages"}
 
 
 @dataclass(frozen=True)
@@ -95,15 +106,73 @@ def decide_for(cfg) -> Decision:
                     problems=tuple(hf.problems(cfg, cfg.train.init_from)))
 
 
-def layout_problem(folder: Path, saved: dict, now: dict) -> Optional[str]:
+def _saved(saved: dict, key: str):
+    return saved.get(key, _DEFAULTS.get(key))
+
+
+def _diff(saved: dict, now: dict, keys) -> list[str]:
+    """``name old->new`` per key of ``keys`` that differs (older meta lacks some: defaults)."""
+    return [f"{_SHORT.get(k, k)} {_fmt(_saved(saved, k))}->{_fmt(now.get(k, _DEFAULTS.get(k)))}"
+            for k in keys if _saved(saved, k) != now.get(k, _DEFAULTS.get(k))]
+
+
+def _fmt(value) -> str:
+    return str(value).replace(" ", "") if isinstance(value, list) else str(value)
+
+
+def layout_changes(saved: dict, now: dict) -> list[str]:
+    """What a full resume from a checkpoint saved with ``saved`` changes at ``now`` (both
+    :func:`mptk.checkpoint.format.layout_record`), e.g. ``["tp 2->1", "dp 2->4"]``. The
+    stages are named only when pp stays (a new pp brings new stages)."""
+    changes = _diff(saved, now, RESHARD_KEYS)
+    if _saved(saved, "pp") != now.get("pp"):
+        changes = [c for c in changes if not c.startswith(f"{_SHORT['stage_layers']} ")]
+    return changes
+
+
+def relayout_line(changes: list[str]) -> str:
+    """The one line saying what a resume at another layout changes."""
+    return f"resuming at another layout: {', '.join(changes)}"
+
+
+def layout_problem(folder: Path, saved: dict, now: dict,
+                   reshardable: bool = False) -> Optional[str]:
     """One line when a full resume from ``folder`` (saved with ``saved``) cannot run as ``now``
-    (both :func:`mptk.checkpoint.format.layout_record`)."""
-    diff = [f"{k} {saved.get(k)}->{now[k]}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    (both :func:`mptk.checkpoint.format.layout_record`); ``reshardable``: the checkpoint holds
+    the optimizer state of :mod:`mptk.checkpoint.optim_state`."""
+    fixed, changes = _diff(saved, now, FIXED_KEYS), layout_changes(saved, now)
+    experts = changes and max(_saved(saved, "ep"), now.get("ep", 1)) > 1
+    if not fixed and (not changes or (reshardable and not experts)):
+        return None
+    init_from = (f"start a new hydra.run.dir with train.init_from={folder} (its weights, a "
+                 f"fresh optimizer)")
+    if fixed:
+        return (f"train.resume: {folder} was saved with {', '.join(fixed)}; a full resume keeps "
+                f"train.dtype and train.global_batch_size: restore them, or {init_from}")
+    why = ("expert-parallel optimizer state is not reshardable" if experts else
+           f"it holds no reshardable optimizer state (no {OPTIM}/: saved by an older mptk)")
+    return (f"train.resume: {folder} was saved with another layout ({', '.join(changes)}) and "
+            f"{why}: restore that layout, or {init_from}")
+
+
+def shape_problem(folder: Path, cfg) -> Optional[str]:
+    """One line when ``cfg.model`` differs from the model saved in ``folder`` in a field that
+    sets a tensor's global shape (nothing then loads)."""
+    try:
+        saved = fmt.read_json(Path(folder) / fmt.CONFIG).get("model", {})
+    except (OSError, ValueError):
+        return None
+    diff = [f"model.{k} {saved[k]}->{getattr(cfg.model, k)}" for k in SHAPE_KEYS
+            if k in saved and hasattr(cfg.model, k) and saved[k] != getattr(cfg.model, k)]
     if not diff:
         return None
-    return (f"train.resume: {folder} was saved with another layout ({', '.join(diff)}); "
-            f"a full resume needs the same one: restore it, or start a new hydra.run.dir with "
-            f"train.init_from={folder} (its weights, a fresh optimizer)")
+    return (f"train.resume: {folder} holds another model ({', '.join(diff)}); no resume changes "
+            f"the model's shape: restore those fields, or use a new hydra.run.dir")
+
+
+def reshardable(folder: Path) -> bool:
+    """Whether checkpoint ``folder`` holds the reshardable optimizer state."""
+    return (Path(folder) / OPTIM / ".metadata").is_file()
 
 
 def no_intact(decision: Decision) -> str:
@@ -127,8 +196,22 @@ def startup_problems(cfg, layout=None) -> list[str]:
         return problems
     folder = decision.pool[0]
     saved = fmt.saved_layout(folder)
-    message = layout_problem(folder, saved, fmt.layout_record(cfg, layout)) if saved else None
+    shape = shape_problem(folder, cfg)
+    if shape or not saved:
+        return [shape] if shape else []
+    message = layout_problem(folder, saved, fmt.layout_record(cfg, layout), reshardable(folder))
     return [message] if message else []
+
+
+def startup_notes(cfg, layout) -> list[str]:
+    """What ``mptk-train`` says before any process starts about the start of the run (after
+    :func:`startup_problems` found none): the line of a resume at another layout."""
+    decision = decide_for(cfg)
+    if decision.source != RESUME or decision.problems:
+        return []
+    saved = fmt.saved_layout(decision.pool[0])
+    changes = layout_changes(saved, fmt.layout_record(cfg, layout)) if saved else []
+    return [relayout_line(changes)] if changes else []
 
 
 # --------------------------------------------------------------------------- in the workers
@@ -142,6 +225,13 @@ class Plan:
     folder: Optional[Path] = None
     meta: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    """A resume at another layout: what changes (the weights are already loaded; the optimizer
+    state is resharded by :func:`restore`). Empty: DeepSpeed's own exact resume."""
+    seed: int = 0
+    """The run's ``train.seed``: a resume at another layout reseeds from it and the step."""
+    device: str = "cpu"
+    """The device type the run's RNG streams live on."""
 
 
 def first_intact(decision: Decision) -> Plan:
@@ -175,10 +265,7 @@ def prepare(cfg, layout, model: torch.nn.Module) -> Plan:
     plan = first_intact(decision)
     if decision.source == RESUME:
         assert plan.folder is not None  # decide(): a RESUME pool is never empty; first_intact picks or raises
-        message = layout_problem(plan.folder, plan.meta.get("layout", {}),
-                                 fmt.layout_record(cfg, layout))
-        if message:
-            raise CheckpointError(message)
+        _relayout(cfg, layout, model, plan)
     elif decision.source == INIT_FROM:
         assert plan.folder is not None  # likewise for an INIT_FROM pool
         state.load_weights(state.chunks_of(model), plan.folder)
@@ -193,6 +280,26 @@ def prepare(cfg, layout, model: torch.nn.Module) -> Plan:
     return plan
 
 
+def _relayout(cfg, layout, model: torch.nn.Module, plan: Plan) -> None:
+    """A full resume from ``plan.folder``: refused when impossible; at another layout its
+    weights loaded into ``model`` now and ``plan.changes`` set (the optimizer state follows in
+    :func:`restore`)."""
+    assert plan.folder is not None
+    saved, now = plan.meta.get("layout", {}), fmt.layout_record(cfg, layout)
+    message = shape_problem(plan.folder, cfg) or layout_problem(plan.folder, saved, now,
+                                                                 reshardable(plan.folder))
+    if message:
+        raise CheckpointError(message)
+    plan.changes = layout_changes(saved, now)
+    if plan.changes:
+        from mptk.parallel import groups
+
+        state.load_weights(state.chunks_of(model), plan.folder)
+        plan.seed, plan.device = cfg.train.seed, groups.resolve_device(cfg.train.device).type
+        say(f"resharding {plan.folder} to this layout ({', '.join(plan.changes)}): weights "
+            f"loaded, optimizer state next")
+
+
 def restore(engine, plan: Plan) -> int:
     """After DeepSpeed exists: load the plan's checkpoint into ``engine`` and every rank's RNG.
     Returns the number of steps already done (0 without a checkpoint). The run's own follow-ups
@@ -200,5 +307,12 @@ def restore(engine, plan: Plan) -> int:
     if plan.folder is None:
         return 0
     step = int(plan.meta["step"])
-    state.load_rank_state(engine, plan.folder, step)
+    if not plan.changes:
+        state.load_rank_state(engine, plan.folder, step)
+        return step
+    state.load_relayout_state(engine, plan.folder, step, plan.meta["layout"]["global_batch_size"])
+    # Rank files belong to the saved layout's ranks: fresh streams, distinct from the seed's own.
+    from mptk.parallel import groups
+
+    groups.seed_model_parallel(plan.seed + step, torch.device(plan.device))
     return step

@@ -4,7 +4,9 @@ partitions, LR scheduler). Where these land on disk is :mod:`mptk.checkpoint.for
 
 Weights are stored twice on purpose: DeepSpeed's copy gives an exact resume at the same layout
 (its optimizer partitions are keyed to the dp/ZeRO layout); the dist-checkpointing copy is keyed
-by global tensor names and shapes, so it loads at any tp/pp/vpp.
+by global tensor names and shapes, so it loads at any tp/pp/vpp. The optimizer state is likewise
+written a second time, reshardable (:mod:`mptk.checkpoint.optim_state`), for a resume at another
+layout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mptk.checkpoint import optim_state
 from mptk.checkpoint.format import DEEPSPEED_TAG, RNG, WEIGHTS, CheckpointError
 from mptk.checkpoint.ranks import rank
 
@@ -127,9 +130,14 @@ def load_weights(chunks: list[torch.nn.Module], folder: Path) -> None:
 
 def save_rank_state(engine, folder: Path, step: int, global_batch_size: int,
                     zero_stage: int) -> None:
-    """This rank's share of checkpoint ``step`` into ``folder``: weights, DeepSpeed state (with
-    the step in its client state, checked on load) and its RNG file. Every rank calls it."""
-    save_weights(chunks_of(engine.module), Path(folder) / WEIGHTS, zero_stage)
+    """This rank's share of checkpoint ``step`` into ``folder``: weights, the reshardable
+    optimizer state, DeepSpeed state (with the step in its client state, checked on load) and
+    its RNG file. Every rank calls it."""
+    chunks = chunks_of(engine.module)
+    save_weights(chunks, Path(folder) / WEIGHTS, zero_stage)
+    _local_results_queue()
+    optim_state.save(engine, chunks, Path(folder) / optim_state.OPTIM)
+    end_write_helpers()
     client = {"step": step, "consumed_samples": step * global_batch_size}
     engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state=client, save_latest=False)
     torch.save(rng_state(), rng_file(folder, rank()))
@@ -143,3 +151,15 @@ def load_rank_state(engine, folder: Path, step: int) -> None:
         raise CheckpointError(f"train.resume: DeepSpeed could not load {folder}/"
                               f"{DEEPSPEED_TAG} at step {step}; move that checkpoint aside")
     set_rng_state(torch.load(rng_file(folder, rank()), weights_only=False))
+
+
+def load_relayout_state(engine, folder: Path, step: int, global_batch_size: int) -> None:
+    """Checkpoint ``folder``, saved at another layout, into ``engine``: the optimizer state
+    resharded (the weights were loaded before DeepSpeed took the model), the LR schedule and
+    DeepSpeed's counters at ``step``. The RNG streams are the caller's (rank files belong to
+    the saved layout's ranks)."""
+    optim_state.load(engine, chunks_of(engine.module), Path(folder) / optim_state.OPTIM)
+    sched = engine.lr_scheduler
+    if sched is not None:
+        sched.last_epoch, sched._step_count = step, step + 1
+    engine.global_steps, engine.global_samples = step, step * global_batch_size

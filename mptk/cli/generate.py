@@ -1,4 +1,4 @@
-"""``mptk-generate``: text from a checkpoint, at any tp (pp=1), with a KV cache.
+"""``mptk-generate``: text from a checkpoint, at any tp x pp, with a KV cache.
 
     mptk-generate --checkpoint outputs/run --prompt "def main(" --greedy
     mptk-generate --checkpoint outputs/run --prompt "import " --prompt "class " \\
@@ -35,14 +35,24 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config(folder: Path, overrides: list[str]):
-    """The checkpoint's saved config with ``overrides`` merged, typed."""
+    """The checkpoint's saved config with ``overrides`` merged, typed. A group choice
+    (``data=indexed``) replaces that whole section with the group's option, as composed by
+    Hydra; dotted keys (``data.blend=...``) then change single fields."""
     from omegaconf import OmegaConf
 
     from mptk.checkpoint import format as ck
     from mptk.cli.ckpt import typed_config
+    from mptk.config.load import compose_cfg
 
     saved = OmegaConf.create(ck.read_json(folder / ck.CONFIG))
-    merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
+    choices = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
+    if choices:
+        composed = compose_cfg([c.lstrip("+") for c in choices])
+        for choice in choices:
+            key = choice.split("=", 1)[0].lstrip("+")
+            saved[key] = OmegaConf.to_container(composed[key], resolve=True)
+    dotted = [o for o in overrides if o not in choices]
+    merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(dotted))
     return typed_config(dict(OmegaConf.to_container(merged, resolve=True)))  # type: ignore[arg-type]
 
 

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import NoReturn
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mptk.config.checks import clamp_warmup
+from mptk.checkpoint.hf import fill_model, hf_dir
+from mptk.config.checks import clamp_warmup, submitit_job
 from mptk.config.load import ConfigError, compose, compose_cfg, conf_dir, to_run_config
 from mptk.config.schema import RunConfig
 from mptk.config.store import register_schemas
@@ -21,17 +24,31 @@ from mptk.train.preflight import PreflightError, startup
 
 def checked(dcfg: DictConfig) -> tuple[RunConfig, int]:
     """Typed config with the run dir filled in, and the world size; raises on bad input."""
-    return check_all(to_run_config(dcfg), HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    return check_all(to_run_config(dcfg), hydra_cfg.runtime.output_dir,
+                     list(hydra_cfg.overrides.task))
 
 
 _WARNED: set[str] = set()
 
 
-def check_all(cfg: RunConfig, run_dir: str) -> tuple[RunConfig, int]:
+def fill_from_hf(cfg: RunConfig, overrides: list[str], speak: bool) -> None:
+    """``train.init_from=hf:DIR``: the ``model.*`` fields not set by ``overrides`` come from
+    DIR/config.json; the launcher (or rank 0) says which, once."""
+    filled = fill_model(cfg, overrides)
+    line = f"model.* from {hf_dir(cfg.train.init_from)}/config.json: {' '.join(filled)}"
+    if filled and speak and line not in _WARNED:
+        _WARNED.add(line)
+        print(f"mptk: {line}", file=sys.stderr, flush=True)
+
+
+def check_all(cfg: RunConfig, run_dir: str, overrides: list[str]) -> tuple[RunConfig, int]:
     """Layout, memory and checkpoint checks of ``cfg`` run in ``run_dir``, after the
-    adjustments that only warn (each warning printed once, by the launcher or rank 0)."""
+    adjustments that only warn (each warning printed once, by the launcher or rank 0) and the
+    ``model.*`` fields ``train.init_from=hf:DIR`` fills from config.json."""
     cfg.run_dir = run_dir
     env = detect()
+    fill_from_hf(cfg, overrides, env is None or env.rank == 0)
     world = env.world_size if env else cfg.launcher.nproc_per_node
     note = clamp_warmup(cfg)
     if note and note not in _WARNED and (env is None or env.rank == 0):
@@ -41,12 +58,25 @@ def check_all(cfg: RunConfig, run_dir: str) -> tuple[RunConfig, int]:
     return cfg, world
 
 
+class SweepJobError(RuntimeError):
+    """A submitit sweep job's failure, raised so that submitit hands it to the sweep."""
+
+
+def _fail(code: int, line: str = "") -> NoReturn:
+    """Exit with ``code``; in a submitit sweep job raise instead: submitit records an exception
+    as the job's result (the sweep stops with it), an exit leaves no result to wait for."""
+    if submitit_job(os.environ):
+        raise SweepJobError(line or f"mptk: the run's ranks exited with code {code}")
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def train(dcfg: DictConfig) -> None:
     try:
         cfg, world = checked(dcfg)
     except (ConfigError, PreflightError) as err:
-        print(f"mptk: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(2, f"mptk: error: {err}")
     env = detect()
     if env is not None:
         from mptk.train.loop import run
@@ -56,7 +86,7 @@ def train(dcfg: DictConfig) -> None:
 
     code = spawn(cfg, world)
     if code:
-        sys.exit(code)
+        _fail(code)
 
 
 def planned_run_dir(argv: list[str]) -> str:
@@ -71,7 +101,7 @@ def precheck(argv: list[str]) -> None:
     if any(arg.startswith("-") for arg in argv):
         return
     try:
-        check_all(compose(argv), planned_run_dir(argv))
+        check_all(compose(argv), planned_run_dir(argv), argv)
     except (ConfigError, PreflightError) as err:
         print(f"mptk: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -15,6 +15,9 @@ What is redirected:
   the CPU generator.
 - Tensors created with ``device="cuda"`` or moved with ``.cuda()`` inside megatron's schedules
   -> the CPU, through :func:`device_scope` (a ``TorchFunctionMode``) around those calls.
+- MoE: the alltoall dispatcher's CUDA side stream and host copy of its split sizes, the
+  router's TE-only gating name, and the uneven-split tp all-gather / reduce-scatter (gloo takes
+  equal sizes only) -> plain CPU equivalents.
 """
 
 from __future__ import annotations
@@ -70,6 +73,20 @@ PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.models.common.embeddings.rope_utils",
           'device="cpu", pin_memory=True\n    ).cuda(non_blocking=True)',
           "RoPE at context parallelism picks this cp rank's chunks with a pinned CUDA index"),
+    Patch("megatron.core.transformer.moe.token_dispatcher",
+          "MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = torch.cuda.Stream()",
+          "the MoE alltoall dispatcher creates a CUDA side stream when built"),
+    Patch("megatron.core.transformer.moe.token_dispatcher",
+          "with torch.cuda.stream(self.cuda_dtoh_stream):",
+          "the MoE alltoall dispatcher copies its split sizes to the host on that stream"),
+    Patch("megatron.core.transformer.moe.moe_utils", "if te_general_gemm is not None",
+          "the MoE router's gating linear reads a name bound only when TE imports"),
+    Patch("megatron.core.tensor_parallel.mappings",
+          "torch.distributed.all_gather(output_tensor_list, input_, group=group)",
+          "MoE at tp>1 all-gathers uneven token counts over tp, which gloo refuses"),
+    Patch("megatron.core.tensor_parallel.mappings",
+          "torch.distributed.reduce_scatter(output, input_tensor_list, group=group)",
+          "MoE at tp>1 reduce-scatters uneven token counts over tp, which gloo lacks"),
 )
 
 
@@ -159,6 +176,9 @@ REPLACED: tuple[tuple[str, str], ...] = (
     ("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER"),
     ("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER_INITIALIZED"),
     ("megatron.core.models.common.embeddings.rotary_pos_embedding", "get_pos_emb_on_this_cp_rank"),
+    ("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher"),
+    ("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim"),
+    ("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim"),
 )
 """Module attributes :func:`activate` replaces: assigning a missing one would silently do nothing."""
 
@@ -212,7 +232,70 @@ def activate() -> None:
     from megatron.core.models.common.embeddings import rotary_pos_embedding
 
     rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+    _moe_dispatcher_on_cpu()
     _ACTIVE = True
+
+
+class _HostStream:
+    """Stands in for the dispatcher's CUDA side stream (never used on the CPU)."""
+
+
+def _dtoh_on_cpu(self, point: str, tokens_per_expert=None):
+    """The alltoall dispatcher's host copy of its split sizes, without streams: the GPU path
+    turns them into numpy arrays at ``cuda_dtoh_point``; on the CPU they only change type."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert
+
+
+def _moe_dispatcher_on_cpu() -> None:
+    """The MoE router and alltoall dispatcher without TE and CUDA streams."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not moe_utils.HAVE_TE:  # unbound without TE: the router's gating would raise NameError
+        moe_utils.te_general_gemm = None
+
+    dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
+    dispatcher.cuda_dtoh_stream = _HostStream()  # no CUDA stream is made
+    dispatcher._maybe_dtoh_and_synchronize = _dtoh_on_cpu
+    from megatron.core.tensor_parallel import mappings
+
+    mappings._gather_along_first_dim = _uneven(mappings._gather_along_first_dim, _gather_uneven)
+    mappings._reduce_scatter_along_first_dim = _uneven(
+        mappings._reduce_scatter_along_first_dim, _reduce_scatter_uneven)
+
+
+def _uneven(equal, uneven):
+    """megatron's collective for equal splits, ``uneven`` (equal-size gloo calls) otherwise."""
+    def collective(input_, group, split_sizes=None, use_global_buffer=False):
+        if split_sizes is None or group.size() == 1:
+            return equal(input_, group, split_sizes, use_global_buffer)
+        return uneven(input_, group, [int(n) for n in split_sizes])
+    return collective
+
+
+def _gather_uneven(input_, group, sizes: list[int]):
+    """All-gather of ``sizes[r]`` rows from rank r: padded to the longest, then trimmed."""
+    import torch.distributed as dist
+
+    padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+    padded[:input_.shape[0]] = input_
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _reduce_scatter_uneven(input_, group, sizes: list[int]):
+    """Reduce-scatter keeping rank r's ``sizes[r]`` rows: an all-reduce, then this rank's rows."""
+    import torch.distributed as dist
+
+    total = input_.contiguous().clone()
+    dist.all_reduce(total, group=group)
+    start = sum(sizes[:group.rank()])
+    return total[start:start + sizes[group.rank()]].clone()
 
 
 def device_scope():

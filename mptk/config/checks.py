@@ -7,6 +7,7 @@ the file system; :mod:`mptk.train.preflight` adds the recipe, stage, memory and 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from mptk.config.schema import (
     Backend,
@@ -47,10 +48,12 @@ def config_problems(cfg: RunConfig, world_size: int, cuda_available: bool) -> li
         *_debug(cfg),
         *_data(cfg.data),
         *slurm_world(cfg.cluster, world_size),
+        *submitit_tasks(os.environ),
         *_peak_value(cfg.cluster),
         *_pipeline(cfg, dp),
         *_memory_levers(cfg),
         *_context(cfg),
+        *_experts(cfg, dp),
     ]
 
 
@@ -236,7 +239,23 @@ def _peak_value(cluster: ClusterConfig) -> list[str]:
     if cluster.peak_tflops is not None and cluster.peak_tflops <= 0:
         return [f"cluster.peak_tflops({cluster.peak_tflops}) must be > 0 (the device's "
                 f"peak dense TFLOP/s for MFU); or leave it unset"]
+    return _gloo_loopback(cluster)
+
+
+def _gloo_loopback(cluster: ClusterConfig) -> list[str]:
+    """gloo bound to loopback cannot reach another node."""
+    name = cluster.env.get("GLOO_SOCKET_IFNAME", "")
+    if cluster.nodes > 1 and name.split(",")[0] == "lo":
+        return [f"cluster.env.GLOO_SOCKET_IFNAME={name} with cluster.nodes({cluster.nodes}) > 1: "
+                "loopback does not reach the other nodes; name their NIC, or drop the variable "
+                "(each task then picks the interface of its route to MASTER_ADDR)"]
     return []
+
+
+def sequence_parallel(p: ParallelConfig, m: ModelConfig) -> bool:
+    """``parallel.sp``, or on for a MoE model at tp > 1: megatron's MoE layer refuses to train
+    with tensor parallelism without sequence parallelism."""
+    return p.sp or (p.tp > 1 and bool(getattr(m, "num_experts", None)))
 
 
 def _memory_levers(cfg: RunConfig) -> list[str]:
@@ -246,7 +265,7 @@ def _memory_levers(cfg: RunConfig) -> list[str]:
     if p.sp and p.tp < 2:
         problems.append(f"parallel.sp=true needs parallel.tp >= 2 (got tp({p.tp})); raise tp or "
                         f"set parallel.sp=false")
-    if p.sp and p.tp >= 2:
+    if sequence_parallel(p, m) and p.tp >= 2:
         problems += _divisible("model.seq_length", m.seq_length, "parallel.tp", p.tp,
                                "sequence parallelism splits every sequence over the tp ranks")
     if t.recompute is Recompute.full:
@@ -271,9 +290,10 @@ def _context(cfg: RunConfig) -> list[str]:
             problems.append(f"parallel.cp: {name}({count})/tp({p.tp}) % cp({p.cp}) != 0; the "
                             f"all-to-all gives every cp rank {name}/tp/cp heads: choose cp "
                             f"dividing {count // p.tp} or change model.{_head_field(name)}")
-    chunk = 2 * p.cp * (p.tp if p.sp else 1)
+    sp = sequence_parallel(p, m)
+    chunk = 2 * p.cp * (p.tp if sp else 1)
     if m.seq_length % chunk:
-        factors = f"2*cp({p.cp})" + (f"*tp({p.tp}) (sp)" if p.sp else "")
+        factors = f"2*cp({p.cp})" + (f"*tp({p.tp}) (sp)" if sp else "")
         problems.append(f"model.seq_length({m.seq_length}) % {factors} != 0; context parallelism "
                         f"cuts every sequence into {chunk} equal chunks: use a multiple of {chunk}")
     if m.attention.value != "sdpa":
@@ -283,6 +303,45 @@ def _context(cfg: RunConfig) -> list[str]:
     if cfg.data.source in (DataSource.digits, DataSource.image_folder):
         problems.append(f"parallel.cp({p.cp}) splits token sequences; data.source="
                         f"{cfg.data.source.value} holds images: use parallel.cp=1")
+    return problems
+
+
+def _experts(cfg: RunConfig, dp: int | None) -> list[str]:
+    """Mixture-of-Experts: experts split evenly over ep ranks, ep folded into dp x cp
+    (megatron's expert groups), and what megatron's MoE layer needs without TE."""
+    p, m = cfg.parallel, cfg.model
+    experts = m.num_experts or 0
+    problems = _at_least("parallel.ep", p.ep, 1, "set the expert-parallel degree to 1 or more")
+    if experts < 0:
+        return [*problems, f"model.num_experts({experts}) must be >= 0; use 0 or null for a dense MLP"]
+    if not experts:
+        if p.ep > 1:
+            problems.append(f"parallel.ep({p.ep}) needs model.num_experts > 0 (a dense model has "
+                            f"no experts to split); set parallel.ep=1 or model=gpt_moe_tiny")
+        return problems
+    if p.ep >= 1 and experts % p.ep:
+        problems.append(f"parallel.ep: num_experts({experts}) % ep({p.ep}) != 0; choose ep "
+                        f"dividing model.num_experts")
+    if dp and p.ep >= 1 and (dp * p.cp) % p.ep:
+        problems.append(f"parallel.ep: ep({p.ep}) does not divide dp({dp})*cp({p.cp}) (dp = "
+                        f"world/(tp({p.tp})*cp({p.cp})*pp({p.pp}))); experts are split over the "
+                        f"data-parallel ranks: choose ep dividing {dp * p.cp} or change the world")
+    if not 1 <= m.moe_topk <= experts:
+        problems.append(f"model.moe_topk({m.moe_topk}) must be in 1..num_experts({experts})")
+    if m.bias:
+        problems.append("model.bias=true with model.num_experts: megatron's expert MLP adds its "
+                        "bias in place (autograd refuses); set model.bias=false")
+    if m.moe_capacity_factor is not None and m.moe_capacity_factor <= 0:
+        problems.append(f"model.moe_capacity_factor({m.moe_capacity_factor}) must be > 0; or "
+                        f"null for no token dropping")
+    if p.ep > 1 and cfg.train.save_interval != -1:
+        problems.append(f"train.save_interval({cfg.train.save_interval}) with parallel.ep({p.ep}) > 1: "
+                        f"expert-parallel checkpoints are not supported yet (DeepSpeed's MoE "
+                        f"checkpoint path does not know megatron's experts); set "
+                        f"train.save_interval=-1 or parallel.ep=1")
+    if p.ep > 1 and cfg.zero.stage == 3:
+        problems.append(f"zero.stage(3) with parallel.ep({p.ep}) > 1: DeepSpeed's ZeRO-3 does not "
+                        f"take megatron's expert parameters; use zero.stage <= 2 or parallel.ep=1")
     return problems
 
 
@@ -332,7 +391,21 @@ def _debug(cfg: RunConfig) -> list[str]:
     if d.hang_timeout_s < 0:
         problems.append(f"debug.hang_timeout_s({d.hang_timeout_s}) < 0; use seconds > 0, "
                         f"or 0 to turn the hang watchdog off")
-    return problems
+    return [*problems, *_nsys_window(cfg)]
+
+
+def _nsys_window(cfg: RunConfig) -> list[str]:
+    """nsys records only between the profile window's edges (--capture-range=cudaProfilerApi):
+    with no window inside the run every rank would run under nsys and record nothing."""
+    p, steps = cfg.profile, cfg.train.steps
+    env_on = os.environ.get("MPTK_NSYS", "0") not in ("", "0")
+    if not (cfg.cluster.nsys or env_on) or 0 <= p.start_step < steps:
+        return []
+    who = "cluster.nsys=true" if cfg.cluster.nsys else f"MPTK_NSYS={os.environ['MPTK_NSYS']}"
+    window = ("no profile window (profile.start_step < 0)" if p.start_step < 0 else
+              f"profile.start_step({p.start_step}) >= train.steps({steps}), a window that never opens")
+    return [f"{who} with {window}: nsys captures only that window; set e.g. profile.start_step="
+            f"{min(2, steps - 1)} profile.end_step={min(4, steps)}, or cluster.nsys=false"]
 
 def _data(d: DataConfig) -> list[str]:
     problems = []
@@ -345,11 +418,35 @@ def _data(d: DataConfig) -> list[str]:
     problems += _at_least("data.max_chars", d.max_chars, 1, "read at least some text")
     return problems
 
+def submitit_job(env: Mapping[str, str]) -> bool:
+    """This process is a job of Hydra's submitit launcher (``-m hydra/launcher=submitit_slurm``):
+    one Slurm task per sweep point, which spawns the run's ranks itself (mptk's rank runner)."""
+    return "SUBMITIT_FOLDER" in env or "SUBMITIT_EXECUTOR" in env
+
+
+def slurm_rank_task(env: Mapping[str, str]) -> bool:
+    """This process is one rank started by srun (SLURM_PROCID and a numeric SLURM_STEP_ID), not
+    the one task of a submitit sweep job."""
+    return ("SLURM_PROCID" in env and env.get("SLURM_STEP_ID", "").isdigit()
+            and not submitit_job(env))
+
+
+def submitit_tasks(env: Mapping[str, str]) -> list[str]:
+    """A submitit sweep job runs one task that spawns every rank: more tasks would be more runs
+    writing into one run dir."""
+    tasks = env.get("SLURM_NTASKS", "1")
+    if not submitit_job(env) or not tasks.isdigit() or int(tasks) <= 1:
+        return []
+    return [f"hydra.launcher: this submitit job has {tasks} Slurm tasks (nodes * tasks_per_node); "
+            "each sweep job is one task that spawns launcher.nproc_per_node ranks: set "
+            "hydra.launcher.nodes=1 hydra.launcher.tasks_per_node=1 (multi-node runs: mptk-submit)"]
+
+
 def slurm_world(c: ClusterConfig, world: int, under_slurm: bool | None = None) -> list[str]:
     """Under srun the world Slurm started must be the one ``cluster`` asked for; ``under_slurm``
-    defaults to "this process is a Slurm step task" (SLURM_PROCID and a numeric SLURM_STEP_ID)."""
+    defaults to "this process is a Slurm rank task" (:func:`slurm_rank_task`)."""
     if under_slurm is None:
-        under_slurm = "SLURM_PROCID" in os.environ and os.environ.get("SLURM_STEP_ID", "").isdigit()
+        under_slurm = slurm_rank_task(os.environ)
     expected = c.nodes * c.tasks_per_node
     if not under_slurm or world == expected:
         return []

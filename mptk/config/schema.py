@@ -151,6 +151,20 @@ class ModelConfig:
     them, Llama not)."""
     norm_epsilon: float = 1e-5
     """Epsilon of the norm layers (GPT-2 1e-5; Llama checkpoints often 1e-6)."""
+    num_experts: Optional[int] = None
+    """Mixture-of-Experts: experts per MLP (megatron's ``num_moe_experts``); ``None`` or 0 =
+    a dense MLP. Experts are split over ``parallel.ep`` ranks."""
+    moe_topk: int = 2
+    """Experts each token is routed to (``moe_router_topk``)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of each expert's MLP; ``None`` = ``ffn_hidden_size`` (4 x hidden_size)."""
+    moe_aux_loss_coeff: float = 0.01
+    """Weight of the load-balancing (switch) auxiliary loss added to the training loss."""
+    moe_capacity_factor: Optional[float] = None
+    """Expert capacity as a multiple of the balanced load: tokens beyond it are dropped;
+    ``None`` = no dropping."""
+    moe_shared_expert_hidden_size: Optional[int] = None
+    """Width of a shared expert every token also goes through; ``None`` = none."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -171,12 +185,18 @@ class ParallelConfig:
     sp: bool = False
     """Sequence parallelism (needs tp > 1): norms, dropouts and residuals work on 1/tp of the
     sequence, so their activations shrink by tp; the tp all-reduces become reduce-scatter +
-    all-gather pairs (same bytes). The norms' gradients are summed over the tp group."""
+    all-gather pairs (same bytes). The norms' gradients are summed over the tp group. On for
+    a MoE model (``model.num_experts``) at tp > 1: megatron's MoE layer requires it."""
     cp: int = 1
     """Context parallelism: every sequence split over cp ranks (DeepSpeed-Ulysses all-to-all
     around the SDPA core attention; needs heads/tp and query groups/tp divisible by cp and
     model.seq_length by 2*cp). Gradients are reduced over dp x cp; cp peers read the same
     samples, each its own part of the sequence."""
+    ep: int = 1
+    """Expert parallelism (``model.num_experts`` > 0): the experts of every MoE layer split over
+    ep ranks, tokens exchanged by all-to-all. ep folds into dp x cp (megatron's
+    ``expert_model_parallel_size``): dense gradients are reduced over dp x cp, expert ones over
+    the ranks holding the same experts (dp x cp / ep)."""
 
 
 @dataclass(kw_only=True, slots=True)

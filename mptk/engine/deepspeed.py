@@ -51,8 +51,9 @@ def ds_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": train.micro_batch_size * (layout.grad_acc if piped else 1),
         "gradient_accumulation_steps": 1 if piped else layout.grad_acc,
         # DeepSpeed 0.19.8 defaults to 1.0, which would silently clip every step. At pp>1 and
-        # ZeRO-0 mptk clips itself (mptk/train/pipeline.py) with a norm over tp x pp.
-        "gradient_clipping": 0.0 if piped and cfg.zero.stage == 0 else cfg.optim.grad_clip,
+        # ZeRO-0 mptk clips itself (mptk/train/pipeline.py) with a norm over tp x pp, and at
+        # ZeRO-0 with experts (mptk/train/step.py) with a norm over the ep peers' experts too.
+        "gradient_clipping": 0.0 if mptk_clips(cfg, layout) else cfg.optim.grad_clip,
         "zero_optimization": zero_section(cfg),
         "bf16": {"enabled": train.dtype is DType.bf16},
         "fp16": {"enabled": train.dtype is DType.fp16},
@@ -65,6 +66,12 @@ def ds_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
     return _merge(config, cfg.zero.extra)
 
 
+def mptk_clips(cfg: RunConfig, layout: Layout) -> bool:
+    """ZeRO-0 at pp>1 or with experts split over ep: mptk clips (DeepSpeed's ZeRO-0 clipping
+    averages per-rank norms over dp, and those differ where ranks hold different experts)."""
+    return cfg.zero.stage == 0 and (layout.pp > 1 or layout.ep > 1)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on biases and norm weights)."""
     decay: list[torch.nn.Parameter] = []
@@ -72,8 +79,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    from mptk.engine import experts
+
+    return experts.split_groups([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}])
 
 
 def optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -116,11 +125,13 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
     disable_jit_probes()
     import deepspeed
 
-    from mptk.engine import grads
+    from mptk.engine import experts, grads
     from mptk.parallel import groups
     from mptk.parallel.mpu import MegatronMpu, mark_parameters
 
     grads.sum_over_tp(model, groups.tp_group(), layout.tp)
+    if layout.ep > 1:  # expert gradients over the expert-data-parallel group (DeepSpeed's MoE path)
+        experts.bridge(model, layout.ep, groups.ep_group(), groups.expert_dp_group())
     mark_parameters(model)
     opt = optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))

@@ -30,7 +30,8 @@ FORMATS = {"loss": "{:.4f}", "eval_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm":
            "loss_scale": "{:g}", "eval_top1": "{:.3f}", "tokens_per_s": "{:,.0f}",
            "images_per_s": "{:,.1f}", "tflops_per_device": "{:.3g}", "mfu": "{:.3f}",
            "bubble_measured": "{:.2f}", "bubble_theory": "{:.2f}", "step_time_s": "{:.3f}",
-           "rss_mb": "{:,.0f}", "mem_peak_mb": "{:,.0f}", "mem_reserved_mb": "{:,.0f}"}
+           "rss_mb": "{:,.0f}", "mem_peak_mb": "{:,.0f}", "mem_reserved_mb": "{:,.0f}",
+           "moe_aux_loss": "{:.3f}", "moe_load_min": "{:.2f}", "moe_load_max": "{:.2f}"}
 """Console formats of the metrics line, in order (``metrics.jsonl`` and W&B keep every key)."""
 
 SHORT_PHASES = {"data": "data", "forward": "fwd", "backward": "bwd", "grad_reduce": "reduce",

@@ -75,7 +75,7 @@ def transformer_config(model: ModelConfig, tp: int, pp: int, dtype: DType, *,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         pipeline_model_parallel_layout=layout, batch_p2p_comm=batch_p2p,
         sequence_parallel=sp, **_recompute(recompute, recompute_method, recompute_layers),
-        context_parallel_size=_cp_size(),
+        context_parallel_size=_cp_size(), **_moe(model),
     )
 
 
@@ -88,6 +88,27 @@ def _cp_size() -> int:
     from mptk.parallel import groups
 
     return groups.cp_size()
+
+
+def _moe(model: ModelConfig) -> dict[str, Any]:
+    """Mixture-of-Experts fields (none for a dense model). Expert parallelism is megatron's
+    ``expert_model_parallel_size`` from parallel_state (its groups must exist first). The
+    alltoall dispatcher with permute/router fusions and grouped GEMM off: those need TE."""
+    if not model.num_experts:
+        return {}
+    from mptk.parallel import groups
+
+    return {"num_moe_experts": model.num_experts, "moe_router_topk": model.moe_topk,
+            "moe_ffn_hidden_size": model.moe_ffn_hidden_size or model.ffn_hidden_size
+            or 4 * model.hidden_size,
+            "moe_aux_loss_coeff": model.moe_aux_loss_coeff,
+            "moe_router_load_balancing_type": "aux_loss",
+            "moe_expert_capacity_factor": model.moe_capacity_factor,
+            "moe_pad_expert_input_to_capacity": False,
+            "moe_shared_expert_intermediate_size": model.moe_shared_expert_hidden_size,
+            "moe_token_dispatcher_type": "alltoall", "moe_grouped_gemm": False,
+            "moe_permute_fusion": False, "moe_router_fusion": False,
+            "expert_model_parallel_size": groups.ep_size()}
 
 
 def _recompute(how: Recompute, method: RecomputeMethod, layers: int) -> dict[str, Any]:
@@ -111,7 +132,9 @@ def layer_spec(model: ModelConfig, mask: AttnMaskType = AttnMaskType.causal,
                sp: bool = False) -> ModuleSpec:
     """megatron's local (no-TE) layer spec, with core attention and mask type swapped in (and,
     under sequence parallelism, norms that allow it)."""
-    spec = get_gpt_layer_local_spec(normalization=model.normalization.value)
+    spec = get_gpt_layer_local_spec(normalization=model.normalization.value,
+                                    num_experts=model.num_experts or None,
+                                    moe_grouped_gemm=False)
     if sp:
         spec.submodules.input_layernorm = SequenceParallelNorm
         spec.submodules.pre_mlp_layernorm = SequenceParallelNorm

@@ -17,14 +17,15 @@ from mptk.config.schema import Backend, Device
 from mptk.parallel.env import DistEnv
 
 _AXES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
-         "vpp": "virtual_pipeline_model_parallel_size", "cp": "context_parallel_size"}
+         "vpp": "virtual_pipeline_model_parallel_size", "cp": "context_parallel_size",
+         "ep": "expert_model_parallel_size"}
 
 
 def megatron_sizes(tp: int, pp: int, vpp: Optional[int] = None,
-                   cp: int = 1) -> dict[str, Optional[int]]:
+                   cp: int = 1, ep: int = 1) -> dict[str, Optional[int]]:
     """Short axis names mapped to megatron's long keyword names (the only such mapping)."""
     return {_AXES["tp"]: tp, _AXES["pp"]: pp, _AXES["vpp"]: vpp if vpp and vpp > 1 else None,
-            _AXES["cp"]: cp}
+            _AXES["cp"]: cp, _AXES["ep"]: ep}
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -41,9 +42,10 @@ def resolve_backend(backend: Backend, device: torch.device) -> str:
 
 
 def init(env: DistEnv, tp: int, pp: int, device: torch.device, backend: str, seed: int,
-         vpp: Optional[int] = None, cp: int = 1) -> None:
+         vpp: Optional[int] = None, cp: int = 1, ep: int = 1) -> None:
     """Default group from ``env``, then megatron's groups (world = tp * cp * pp * dp, megatron's
-    rank order tp-cp-ep-dp-pp), then per-tp-rank seeds (equal on cp peers, as on dp peers)."""
+    rank order tp-cp-ep-dp-pp; ep folds into dp x cp), then per-tp-rank seeds (equal on cp
+    peers, as on dp peers)."""
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
     else:
@@ -56,7 +58,7 @@ def init(env: DistEnv, tp: int, pp: int, device: torch.device, backend: str, see
                                 timeout=timedelta(minutes=10))
     if ps.model_parallel_is_initialized():  # another layout in the same processes
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(**megatron_sizes(tp, pp, vpp, cp))
+    ps.initialize_model_parallel(**megatron_sizes(tp, pp, vpp, cp, ep))
     seed_model_parallel(seed, device)
 
 
@@ -130,6 +132,21 @@ def dp_cp_group() -> Any:
 
 def dp_cp_size() -> int:
     return int(ps.get_data_parallel_world_size(with_context_parallel=True))
+
+
+def ep_size() -> int:
+    """Expert-parallel degree (1 before megatron's groups exist)."""
+    return int(ps.get_expert_model_parallel_world_size()) if ps.model_parallel_is_initialized() else 1
+
+
+def ep_group() -> Any:
+    """The ranks that hold different experts of one MoE layer (tokens exchanged by all-to-all)."""
+    return ps.get_expert_model_parallel_group()
+
+
+def expert_dp_group() -> Any:
+    """The ranks holding the same experts: expert gradients are summed over it."""
+    return ps.get_expert_data_parallel_group()
 
 
 def is_last_stage(vp_stage: Optional[int] = None) -> bool:

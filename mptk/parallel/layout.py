@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mptk.config.checks import sequence_parallel
+
 
 @dataclass(frozen=True, slots=True)
 class Layout:
@@ -52,7 +54,8 @@ def derive(cfg: Any, world: int, stage_layers: Sequence[int] = ()) -> Layout:
     p, t = cfg.parallel, cfg.train
     dp = world // (p.tp * p.cp * p.pp)
     return Layout(tp=p.tp, pp=p.pp, dp=dp, grad_acc=t.global_batch_size // (t.micro_batch_size * dp),
-                  world=world, vpp=p.vpp or 1, stage_layers=tuple(stage_layers), cp=p.cp, sp=p.sp)
+                  world=world, vpp=p.vpp or 1, stage_layers=tuple(stage_layers), cp=p.cp,
+                  sp=sequence_parallel(p, cfg.model), ep=p.ep)
 
 
 def cp_chunks(cp: int, cp_rank: int) -> tuple[int, int]:

@@ -1,11 +1,14 @@
-"""Text generation from a checkpoint on every rank of a tensor-parallel world (pp=1).
+"""Text generation from a checkpoint on every rank of a tp x pp world.
 
 mptk's own loop over the megatron ``GPTModel`` with megatron-core's
 ``StaticInferenceContext`` as the KV cache: one prefill forward over the prompt fills each
 layer's key/value memory, then one forward per new token (megatron's attention switches to
 no-mask decode once the cache holds the prompt). megatron gathers the logits over tp
-(``runtime_gather_output``), so every rank draws the same token from the same seeded
-generator. ``cache=False`` recomputes the whole sequence per token (the benchmark's baseline).
+(``runtime_gather_output``), so every tp rank draws the same token from the same seeded
+generator. At pp>1 each stage runs its layers (and keeps their cache), hands its hidden states
+to the next stage (point-to-point over the pp group), and the last stage's token is broadcast
+over the pp group. ``cache=False`` recomputes the whole sequence per token (the benchmark's
+baseline).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,14 +69,40 @@ def choose(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
-def last_logits(model, tokens: torch.Tensor, start: int, context) -> torch.Tensor:
-    """Full-vocabulary logits ``[vocab]`` after ``tokens`` (positions from ``start``)."""
+def last_logits(model, tokens: torch.Tensor, start: int, context) -> Optional[torch.Tensor]:
+    """Full-vocabulary logits ``[vocab]`` after ``tokens`` (positions from ``start``) on the
+    last pipeline stage; None on the others (their hidden states went to the next stage)."""
+    from megatron.core import parallel_state as ps
+
     from mptk.recipes.gpt.recipe import causal_mask
 
+    staged = ps.get_pipeline_model_parallel_world_size() > 1
+    if staged and not ps.is_pipeline_first_stage():
+        param = next(model.parameters())
+        hidden = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size,
+                             dtype=param.dtype, device=param.device)
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
     positions = torch.arange(start, start + tokens.shape[1])[None]
     mask = causal_mask(tokens.shape[1], tokens.device) if start == 0 else None
     out = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
+    if staged and not ps.is_pipeline_last_stage():
+        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
     return out[0, -1]
+
+
+def agreed(token: Optional[int]) -> int:
+    """The last stage's token on every stage (itself at pp=1)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        assert token is not None
+        return token
+    group = ps.get_pipeline_model_parallel_group()
+    box = torch.tensor([-1 if token is None else token])
+    dist.broadcast(box, src=dist.get_process_group_ranks(group)[-1], group=group)
+    return int(box)
 
 
 @torch.no_grad()
@@ -88,7 +118,7 @@ def generate_one(model, prompt_ids: list[int], s: Sampling, eod: int, decode=Non
     for _ in range(s.max_new_tokens):
         start = len(seq) - fresh.shape[1]
         logits = last_logits(model, fresh, start, context)
-        token = choose(logits, s, generator)
+        token = agreed(None if logits is None else choose(logits, s, generator))
         new.append(token)
         if decode is not None:
             decode(token)
@@ -104,16 +134,20 @@ def generate_one(model, prompt_ids: list[int], s: Sampling, eod: int, decode=Non
 
 
 def load_model(cfg: Any, folder: Path, env) -> torch.nn.Module:
-    """This rank's tp shard of the whole model (pp=1) with the checkpoint's weights."""
+    """This rank's tp shard of its pp stage with the checkpoint's weights."""
     from mptk.checkpoint.state import load_weights
     from mptk.config import registry
     from mptk.parallel import groups
     from mptk.parallel.layout import Layout
+    from mptk.plan import partition
     from mptk.train.trainer import build_model
 
-    tp = cfg.parallel.tp
-    groups.init(env, tp, 1, torch.device("cpu"), "gloo", cfg.train.seed)
-    layout = Layout(tp=tp, pp=1, dp=env.world_size // tp, grad_acc=1, world=env.world_size)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    groups.init(env, tp, pp, torch.device("cpu"), "gloo", cfg.train.seed)
+    stages = partition.stage_layers(cfg.model, pp, None, cfg.parallel.layers_per_stage) \
+        if pp > 1 else []
+    layout = Layout(tp=tp, pp=pp, dp=env.world_size // (tp * pp), grad_acc=1,
+                    world=env.world_size, stage_layers=tuple(stages))
     model = build_model(registry.get(cfg.model.recipe), cfg, layout, torch.device("cpu"), "gloo")
     load_weights([model], folder)
     return model.eval()
@@ -161,12 +195,13 @@ def problems(cfg: Any, world: int, s: Sampling) -> list[str]:
     lines = []
     if cfg.model.recipe != "gpt":
         lines.append(f"model.recipe={cfg.model.recipe}: mptk-generate needs a GPT checkpoint")
-    if cfg.parallel.pp != 1:
-        lines.append(f"parallel.pp={cfg.parallel.pp}: mptk-generate runs at pp=1 (any tp); "
-                     f"add parallel.pp=1")
-    if world % cfg.parallel.tp:
-        lines.append(f"parallel.tp={cfg.parallel.tp} does not divide launcher.nproc_per_node="
-                     f"{world}")
+    p = cfg.parallel
+    if (p.vpp or 1) > 1:
+        lines.append(f"parallel.vpp={p.vpp}: mptk-generate runs one stage per rank; add "
+                     f"parallel.vpp=null")
+    if world % (p.tp * p.pp):
+        lines.append(f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide "
+                     f"launcher.nproc_per_node={world}")
     if s.max_new_tokens < 1:
         lines.append(f"--max-new-tokens {s.max_new_tokens}: give 1 or more")
     if not s.greedy and (s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0):

@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mptk.compat.cpu import device_scope
 from mptk.log.phases import Phases
-from mptk.train.step import dp_mean, dp_sums, grad_norm, time_grad_reduce, to_device
+from mptk.train.step import clip_, dp_mean, dp_sums, grad_norm, time_grad_reduce, to_device
 
 
 def chunks_of(engine) -> list[torch.nn.Module]:
@@ -104,16 +104,6 @@ def sync_tied_embeddings(engine) -> None:
         dist.all_reduce(weight.grad, group=ps.get_embedding_group())
 
 
-def clip_(engine, norm: float, max_norm: float) -> None:
-    """Scale gradients in place when ``norm > max_norm`` (ZeRO-0: they sit in ``.grad``)."""
-    if max_norm <= 0 or norm <= max_norm:
-        return
-    scale = max_norm / (norm + 1e-6)
-    for param in engine.module.parameters():
-        if param.grad is not None:
-            param.grad.mul_(scale)
-
-
 def last_stage_mean(collect: list) -> torch.Tensor:
     """Mean loss on the last stage, shared with every pp rank (0 elsewhere before the sum)."""
     value = torch.stack([c[0] for c in collect]).mean() if collect else torch.zeros(())
@@ -141,7 +131,7 @@ def pipeline_step(engine, recipe, data, step: int, grad_acc: int, device, cfg, s
     with phases.span("optimizer"):
         norm = grad_norm(engine.module) if engine.zero_optimization_stage() == 0 else None
         if norm is not None:
-            clip_(engine, norm, cfg.optim.grad_clip)
+            clip_(engine.module, norm, cfg.optim.grad_clip)
         engine.step()
     norm = norm if norm is not None else float(engine.get_global_grad_norm())
     return dp_mean(last_stage_mean(collect)), norm

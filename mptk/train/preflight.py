@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from mptk.checkpoint.resume import startup_problems
 from mptk.config import registry
 from mptk.config.checks import PreflightError, config_problems, on_cpu, slurm_world
 from mptk.config.schema import ClusterConfig, RunConfig, TrainConfig
-from mptk.models.speed import inductor_problem
 from mptk.parallel.layout import Layout, derive
 from mptk.plan import hardware, partition, predict_fits
 
@@ -41,11 +37,30 @@ def preflight(cfg: RunConfig, world_size: int, cuda_available: bool) -> Layout:
 
 def startup(cfg: RunConfig, world_size: int, cuda_available: bool) -> Layout:
     """:func:`preflight`, then memory and checkpoint checks (``cfg.run_dir`` set)."""
+    # Here, not at the top: preflight() stays torch-free for mptk-plan --why.
+    from mptk.checkpoint.resume import startup_notes, startup_problems
+
     layout = preflight(cfg, world_size, cuda_available)
     problems = _memory(cfg, layout) + startup_problems(cfg, layout)
     if problems:
         raise PreflightError(problems)
+    _say_once(startup_notes(cfg, layout))
     return layout
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(notes: list[str]) -> None:
+    """Lines about the run's start (a resume at another layout), printed by the launching
+    process or rank 0 only, once."""
+    from mptk.parallel.env import detect
+
+    env = detect()
+    for note in notes:
+        if note not in _SAID and (env is None or env.rank == 0):
+            _SAID.add(note)
+            print(f"mptk: {note}", flush=True)
 
 
 def _memory(cfg: RunConfig, layout: Layout) -> list[str]:
@@ -104,6 +119,10 @@ def _compiler(t: TrainConfig, on_cpu: bool) -> list[str]:
     """``train.compile``/``compile_loss`` need inductor's compiler (C++ on CPU, Triton on CUDA)."""
     if not (t.compile or t.compile_loss):
         return []
+    import torch  # only when compiling: preflight() stays torch-free for mptk-plan --why
+
+    from mptk.models.speed import inductor_problem
+
     problem = inductor_problem(torch.device("cpu" if on_cpu else "cuda"))
     return [f"train.compile: {problem}; or set train.compile=false train.compile_loss=false"] \
         if problem else []

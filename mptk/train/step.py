@@ -40,11 +40,20 @@ def grad_norm(model: torch.nn.Module) -> float:
     """
     from megatron.core import parallel_state as ps
 
-    squares = [param.grad.detach().double().pow(2).sum() for param in model.parameters()
-               if param.grad is not None and counts_in_norm(param)]
-    device = squares[0].device if squares else next(model.parameters()).device
-    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64,
-                                                                   device=device)
+    from mptk.engine.experts import is_expert
+
+    device = next(model.parameters()).device
+    dense, experts = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
+    for param in model.parameters():
+        if param.grad is not None and counts_in_norm(param):
+            square = param.grad.detach().double().pow(2).sum()
+            if is_expert(param):
+                experts += square
+            else:
+                dense += square
+    if groups.ep_size() > 1:  # the ep peers hold the other experts
+        dist.all_reduce(experts, group=groups.ep_group())
+    total = dense + experts
     dist.all_reduce(total, group=ps.get_model_parallel_group())  # on the grads' device (NCCL)
     return total.sqrt().item()  # the one host sync
 
@@ -62,10 +71,12 @@ def time_grad_reduce(engine, phases: Phases) -> None:
 
 
 def train_step(engine, recipe, data, step: int, grad_acc: int, device,
-               phases: Phases | None = None) -> tuple[float, float]:
+               phases: Phases | None = None, clip: float = 0.0) -> tuple[float, float]:
     """``grad_acc`` micro-batches, then DeepSpeed's step at the accumulation boundary.
 
     Returns the loss (mean over micro-batches and dp) and the gradient norm before clipping.
+    ``clip`` > 0 (ZeRO-0 with experts: DeepSpeed's own clipping averages per-rank norms, which
+    differ across ep ranks) clips with that norm here.
     """
     phases = phases if phases is not None else Phases()
     losses, norm = [], None
@@ -79,10 +90,20 @@ def train_step(engine, recipe, data, step: int, grad_acc: int, device,
         with phases.span("optimizer"):
             if micro == grad_acc - 1 and engine.zero_optimization_stage() == 0:
                 norm = grad_norm(engine.module)  # stage 0 keeps no norm; grads are reduced here
+                clip_(engine.module, norm, clip)
             engine.step()
         losses.append(loss.detach().clone())
     norm = norm if norm is not None else float(engine.get_global_grad_norm())
     return dp_mean(torch.stack(losses).mean()), norm
+
+
+def clip_(model: torch.nn.Module, norm: float, max_norm: float) -> None:
+    """Scale gradients in place when ``norm > max_norm`` (ZeRO-0: they sit in ``.grad``)."""
+    if max_norm <= 0 or norm <= max_norm:
+        return
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.mul_(max_norm / (norm + 1e-6))
 
 
 def dp_sums(sums: dict) -> dict:
@@ -116,15 +137,19 @@ class EngineStep:
     :meth:`evaluate` and :meth:`figures`; the trainer picks one of the two once, at setup.
     """
 
-    def __init__(self, engine, recipe, data, grad_acc: int, device, phases: Phases):
+    def __init__(self, engine, recipe, data, grad_acc: int, device, phases: Phases,
+                 clip: float = 0.0):
         self.engine, self.recipe, self.data = engine, recipe, data
-        self.grad_acc, self.device, self.phases = grad_acc, device, phases
+        self.grad_acc, self.device, self.phases, self.clip = grad_acc, device, phases, clip
         time_grad_reduce(engine, phases)
+        from mptk.models import moe
+
+        moe.set_aux_loss_scale(1.0 / grad_acc)  # as DeepSpeed divides the main loss
 
     def train(self, step: int) -> tuple[float, float]:
         """One optimizer step (0-based ``step``): (loss mean over micro-batches and dp, norm)."""
         return train_step(self.engine, self.recipe, self.data, step, self.grad_acc, self.device,
-                          self.phases)
+                          self.phases, self.clip)
 
     def evaluate(self) -> dict:
         """Held-out metrics over every dp rank."""

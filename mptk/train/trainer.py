@@ -28,7 +28,7 @@ from mptk.log import flops, profile, progress, ranklog, report, watchdog
 from mptk.log.memory import Recorder, report_peaks
 from mptk.log.metrics import Metrics
 from mptk.log.phases import Phases, across_ranks
-from mptk.models import init
+from mptk.models import init, moe
 from mptk.parallel import groups
 from mptk.parallel.env import DistEnv
 from mptk.plan import partition
@@ -74,6 +74,8 @@ class Worker:
     """Model FLOPs of one optimizer step, all ranks (Megatron's formula)."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of this device for MFU (None on CPU / unknown GPUs)."""
+    moe: Any = None
+    """A MoE model's :class:`mptk.models.moe.MoEStats` (aux loss, expert load), read at log steps."""
 
 
 def say(text: str) -> None:
@@ -134,7 +136,10 @@ def choose_step(cfg: RunConfig, layout: Layout, engine, recipe, data, device,
     """The step strategy of this run: megatron's pipeline schedule at pp>1, else the engine."""
     if layout.pp > 1:
         return PipelineStep(engine, recipe, data, layout, device, cfg, phases)
-    return EngineStep(engine, recipe, data, layout.grad_acc, device, phases)
+    from mptk.engine.deepspeed import mptk_clips
+
+    return EngineStep(engine, recipe, data, layout.grad_acc, device, phases,
+                      clip=cfg.optim.grad_clip if mptk_clips(cfg, layout) else 0.0)
 
 
 def describe_model(cfg: RunConfig, layout: Layout, model: torch.nn.Module) -> None:
@@ -159,10 +164,11 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
     device = groups.resolve_device(cfg.train.device)
     backend = groups.resolve_backend(cfg.launcher.backend, device)
     groups.init(env, layout.tp, layout.pp, device, backend, cfg.train.seed, layout.vpp,
-                cp=layout.cp)
+                cp=layout.cp, ep=layout.ep)
     cfg.run_dir = agree_run_dir(cfg.run_dir)
     ranklog.setup(cfg.run_dir, groups.rank())
     cp = f"cp={layout.cp} " if layout.cp > 1 else ""  # shown when it splits sequences
+    cp += f"ep={layout.ep} " if layout.ep > 1 else ""  # and when it splits experts
     say(f"layout tp={layout.tp} pp={layout.pp} {cp}dp={layout.dp} "
         f"grad_acc={layout.grad_acc} "
         f"world={layout.world} on {device.type} ({backend}) launcher={env.launcher}; "
@@ -186,7 +192,16 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
     return Worker(cfg, layout, device, recipe, data, engine, metrics, stepper, start,
                   phases=phases,
                   step_flops=flops.step_flops(cfg.model, cfg.train.global_batch_size),
-                  peak_tflops=flops.peak_tflops(cfg.cluster, device))
+                  peak_tflops=flops.peak_tflops(cfg.cluster, device), moe=moe_stats(cfg, model))
+
+
+def moe_stats(cfg: RunConfig, model: torch.nn.Module):
+    """Expert-load and aux-loss counters of a MoE model (None for a dense one)."""
+    experts = getattr(cfg.model, "num_experts", None)
+    if not experts:
+        return None
+    return moe.MoEStats([model], cfg.model.num_layers, experts,
+                        partial_over=groups.tp_size() * groups.cp_size())
 
 
 def one_step(w: Worker, step: int) -> tuple[float, float]:
@@ -249,7 +264,8 @@ def log_extras(w: Worker, step: int, elapsed_s: float) -> dict:
     """What a log step adds: phase times over ranks (a collective) and the ETA."""
     extras = across_ranks(w.phases.window()) if w.cfg.log.phase_timers else {}
     eta = progress.eta_seconds(step - w.start_step, elapsed_s, w.cfg.train.steps - step)
-    return extras | ({"eta_s": eta} if eta is not None else {})
+    experts = w.moe.read() if w.moe is not None else {}  # a collective
+    return extras | experts | ({"eta_s": eta} if eta is not None else {})
 
 
 class Trainer:

@@ -25,6 +25,8 @@ class GPTConfig(ModelConfig):
     """Learned absolute positions or rotary embeddings."""
     tie_embeddings: bool = True
     """Share the input embedding and output layer weights."""
+    rotary_base: float = 10000.0
+    """RoPE's base period theta (``position_embedding=rope``; Hugging Face's ``rope_theta``)."""
 
 
 def build(cfg: GPTConfig, ctx: registry.ModelContext) -> GPTModel:
@@ -42,6 +44,7 @@ def build(cfg: GPTConfig, ctx: registry.ModelContext) -> GPTModel:
         pre_process=ctx.pre_process, post_process=ctx.post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type=cfg.position_embedding.value, vp_stage=ctx.vp_stage,
+        rotary_base=cfg.rotary_base,  # type: ignore[arg-type]  # megatron annotates int
     )
 
 

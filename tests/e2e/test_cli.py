@@ -84,16 +84,17 @@ def test_resume_none_over_checkpoints_is_refused_and_keeps_them(tmp_path, cache)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved
 
 
-def test_resume_at_another_layout_is_refused_before_any_process(tmp_path, cache):
+def test_resume_with_another_model_is_refused_before_any_process(tmp_path, cache):
     run_dir = tmp_path / "run"
     args = (*tiny(cache), "train=smoke", "train.steps=2", "parallel=single",
             "train.global_batch_size=4", f"hydra.run.dir={run_dir}")
     assert mptk(*args, "launcher.nproc_per_node=1").returncode == 0
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
-    out = mptk(*args, "launcher.nproc_per_node=2", "train.steps=4")
+    # Another layout alone resumes (tests/e2e/test_resume_relayout.py); another shape cannot.
+    out = mptk(*args, "launcher.nproc_per_node=2", "train.steps=4", "model.num_layers=3")
     assert out.returncode == 2, out.stdout + out.stderr
-    lines = [x for x in out.stderr.splitlines() if "another layout" in x]
-    assert len(lines) == 1 and "dp 1->2" in lines[0] and "train.init_from=" in lines[0], out.stderr
+    lines = [x for x in out.stderr.splitlines() if "another model" in x]
+    assert len(lines) == 1 and "model.num_layers 2->3" in lines[0], out.stderr
     assert "layout tp=" not in out.stdout  # no worker started
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")  # Hydra did not rewrite it

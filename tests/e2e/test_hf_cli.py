@@ -1,7 +1,8 @@
-"""``mptk-train train.init_from=hf:DIR`` as a user runs it: a config.json mismatch is one line
-naming the override before any process starts; then a 20-step tp=2 fine-tune from a (random,
-locally built) GPT-2 folder runs, saves, and resumes; ``mptk-generate --greedy`` at tp=2 on that
-checkpoint gives transformers' greedy ``generate`` tokens on its export."""
+"""``mptk-train train.init_from=hf:DIR`` as a user runs it: a ``model.*`` override that
+contradicts config.json is one line naming the field before any process starts; without
+``model.*`` overrides the model is config.json's; a 20-step tp=2 fine-tune from a (random,
+locally built) GPT-2 folder runs, saves, and resumes; ``mptk-generate --greedy`` at tp=2 and at
+pp=2 on that checkpoint gives transformers' greedy ``generate`` tokens on its export."""
 
 import json
 from pathlib import Path
@@ -24,17 +25,20 @@ def gpt2_folder(out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory, cache):
-    """A GPT-2 folder refused with the wrong model.activation, then fine-tuned 20 steps at tp=2
-    and resumed to step 22 (one run dir, shared by the tests below)."""
+    """A GPT-2 folder refused with a contradicting model.activation, then fine-tuned 20 steps
+    at tp=2 with the model taken from its config.json (no model.* given) and resumed to step
+    22 (one run dir, shared by the tests below)."""
     tmp = tmp_path_factory.mktemp("hf_cli")
     src = gpt2_folder(tmp / "gpt2")
-    args = (*tiny(cache), "train=smoke", "train.eval_interval=0", "parallel.tp=2",
-            "launcher.nproc_per_node=2", "train.save_interval=0", f"train.init_from=hf:{src}")
-    wrong = mptk(*args, f"hydra.run.dir={tmp / 'wrong'}")
+    args = (*[a for a in tiny(cache) if not a.startswith("model.")], "train=smoke",
+            "train.eval_interval=0", "parallel.tp=2", "launcher.nproc_per_node=2",
+            "train.save_interval=0", f"train.init_from=hf:{src}")
+    wrong = mptk(*args, "model.activation=gelu", "model.hidden_size=64",
+                 f"hydra.run.dir={tmp / 'wrong'}")
     run = tmp / "run"
-    first = mptk(*args, "model.activation=gelu_tanh", "train.steps=20", f"hydra.run.dir={run}")
+    first = mptk(*args, "train.steps=20", f"hydra.run.dir={run}")
     steps = [r["step"] for r in metrics(run)] if (run / "metrics.jsonl").exists() else []
-    second = mptk(*args, "model.activation=gelu_tanh", "train.steps=22", f"hydra.run.dir={run}")
+    second = mptk(*args, "train.steps=22", f"hydra.run.dir={run}")
     return {"src": src, "tmp": tmp, "run": run, "wrong": wrong, "first": first,
             "second": second, "steps_first": steps}
 
@@ -42,8 +46,9 @@ def fine_tuned(tmp_path_factory, cache):
 def test_mismatch_is_one_line_before_any_process(fine_tuned):
     wrong, src = fine_tuned["wrong"], fine_tuned["src"]
     assert wrong.returncode == 2
-    assert (f"model.activation=gelu but {src}/config.json says gelu_tanh: add "
-            f"model.activation=gelu_tanh") in wrong.stderr, wrong.stderr
+    assert (f"model.activation=gelu but {src}/config.json says gelu_tanh: use "
+            f"model.activation=gelu_tanh or leave model.activation out") in wrong.stderr, wrong.stderr
+    assert "model.hidden_size" not in wrong.stderr.split("error:")[-1]  # chosen and equal
     assert not (fine_tuned["tmp"] / "wrong" / "checkpoints").exists()
 
 
@@ -51,6 +56,10 @@ def test_fine_tune_from_hf_folder_saves_and_resumes(fine_tuned):
     first, second, run = fine_tuned["first"], fine_tuned["second"], fine_tuned["run"]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert f"initialised weights from the Hugging Face folder {fine_tuned['src']}" in first.stdout
+    assert f"mptk: model.* from {fine_tuned['src']}/config.json: " in first.stderr
+    saved = json.loads((run / "checkpoints" / "step_00000020" / "config.json").read_text())["model"]
+    assert (saved["activation"], saved["hidden_size"], saved["num_layers"], saved["seq_length"],
+            saved["vocab_size"]) == ("gelu_tanh", 64, 2, 32, 512)
     assert max(fine_tuned["steps_first"]) == 20 and (run / "checkpoints" / "step_00000020").is_dir()
     losses = [r["loss"] for r in metrics(run) if "loss" in r]
     assert losses[19] < losses[0]
@@ -62,26 +71,27 @@ def test_fine_tune_from_hf_folder_saves_and_resumes(fine_tuned):
 PROMPTS = ["def main(", "import os\nclass "]
 
 
-def test_generate_greedy_at_tp2_equals_transformers(fine_tuned):
+def test_generate_greedy_at_tp2_and_pp2_equals_transformers(fine_tuned):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = fine_tuned["tmp"] / "exported"
     done = mptk("export", "--format", "hf", str(fine_tuned["run"]), str(out), cmd="mptk-ckpt")
     assert done.returncode == 0, done.stderr[-3000:]
     args = [f"--prompt={p}" for p in PROMPTS]
-    gen = mptk("--checkpoint", str(fine_tuned["run"]), *args, "--greedy", "--max-new-tokens", "12",
-               "--json", "parallel.tp=2", "launcher.nproc_per_node=2", cmd="mptk-generate")
-    assert gen.returncode == 0, gen.stderr[-3000:]
-    rows = [json.loads(line) for line in gen.stdout.splitlines() if line.startswith("{")]
-    assert [r["prompt"] for r in rows] == PROMPTS
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    for row in rows:
-        ids = tok(row["prompt"], return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            ref = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
-        assert row["token_ids"] == ref.tolist(), (row, ref.tolist())
-        assert row["text"] == tok.decode([t for t in ref.tolist() if t != tok.eos_token_id])
+    for layout in (["parallel.tp=2"], ["parallel.tp=1", "parallel.pp=2"]):  # one layer a stage
+        gen = mptk("--checkpoint", str(fine_tuned["run"]), *args, "--greedy", "--max-new-tokens",
+                   "12", "--json", *layout, "launcher.nproc_per_node=2", cmd="mptk-generate")
+        assert gen.returncode == 0, gen.stderr[-3000:]
+        rows = [json.loads(line) for line in gen.stdout.splitlines() if line.startswith("{")]
+        assert [r["prompt"] for r in rows] == PROMPTS
+        for row in rows:
+            ids = tok(row["prompt"], return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                ref = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+            assert row["token_ids"] == ref.tolist(), (layout, row, ref.tolist())
+            assert row["text"] == tok.decode([t for t in ref.tolist() if t != tok.eos_token_id])
     bad = mptk("--checkpoint", str(fine_tuned["run"]), "--prompt", "x", "--top-p", "0",
                cmd="mptk-generate")
     assert bad.returncode == 2 and "--top-p 0.0: need" in bad.stderr.replace("--temperature 1.0 --top-k 0 ", "")

@@ -19,7 +19,8 @@ def per_step(run_dir) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+# ZeRO-3 here; ZeRO-1 resumes bit-exactly in test_context_parallel_cli (cp=2).
+@pytest.mark.parametrize("stage", [3])
 def test_sigterm_then_resume_continues_exactly(tmp_path, cache, stage):
     args = (*tiny(cache), "train=smoke", "train.eval_interval=0", f"train.steps={STEPS}",
             "parallel.tp=2", "launcher.nproc_per_node=4", f"zero=zero{stage}",

@@ -138,17 +138,21 @@ def two_namespace_nodes() -> str | None:
 
 
 def test_two_nodes_in_network_namespaces(tmp_path, cache):
-    """2 nodes x 2 tasks (each node its own network stack): rendezvous and gloo cross nodes."""
+    """2 nodes x 2 tasks (each node its own network stack, hostname on loopback): rendezvous and
+    gloo cross nodes without GLOO_SOCKET_IFNAME (each task picks its interface)."""
     reason = two_namespace_nodes()
     if reason:
         pytest.skip(reason)
     job = sbatch("--partition=two", "--nodes=2", "--ntasks-per-node=2", f"--output={tmp_path}/job-%j.out",
                  str(GPT_SBATCH), *tiny_gpt(cache, 3), "cluster.nodes=2", "cluster.tasks_per_node=2",
-                 "cluster.env.GLOO_SOCKET_IFNAME=eth0", cwd=tmp_path)
+                 cwd=tmp_path)
     info = wait(job)
     output = read(tmp_path / f"job-{job}.out")
     assert info["JobState"] == "COMPLETED", output
     assert "4 tasks on 2 node(s) [mptk-n[1-2]], master mptk-n1:" in output, output
+    # no GLOO_SOCKET_IFNAME given: each node picked the NIC of its route to the master
+    for ip in ("10.77.0.1", "10.77.0.2"):
+        assert f"eth0 ({ip}) carries the route to MASTER_ADDR=mptk-n1 (10.77.0.1)" in output, output
     assert "world=4 on cpu (gloo) launcher=slurm" in output and "step 3/3 | loss" in output, output
 
 

@@ -1,7 +1,8 @@
 """Hugging Face import and export with real gloo ranks, both families (Llama-style, GPT-2-style).
 
 One tp=2 x pp=2 run per family (module-scoped, shared by every test here) starts from a random
-Hugging Face model (``train.init_from=hf:DIR``), evaluates, trains 2 steps, saves; then
+Hugging Face model (``train.init_from=hf:DIR``; the Llama one with RoPE theta 50000 and its
+model config filled from config.json), evaluates, trains 2 steps, saves; then
 ``mptk-ckpt export --format hf`` writes a folder from that tp2 x pp2 checkpoint. Checked:
 mptk's held-out loss at tp2 x pp2 equals transformers' on the same batches (import, and after
 training: export); logits of the full model on real text equal transformers' (1e-4); the
@@ -16,12 +17,14 @@ import pytest
 import torch
 from harness import run_world, tiny_overrides
 
+from mptk.checkpoint import hf
 from mptk.config.load import compose
 
 FAMILIES = {
     "llama": ["model.position_embedding=rope", "model.normalization=RMSNorm",
               "model.activation=swiglu", "model.num_query_groups=2", "model.tie_embeddings=false",
-              "model.bias=false", "model.norm_epsilon=1e-06", "model.ffn_hidden_size=96"],
+              "model.bias=false", "model.norm_epsilon=1e-06", "model.ffn_hidden_size=96",
+              "model.rotary_base=50000"],
     "gpt2": ["model.activation=gelu_tanh"],
 }
 LAYOUT = ["parallel.tp=2", "parallel.pp=2", "parallel.layers_per_stage=[1,1]", "zero=zero1",
@@ -40,7 +43,7 @@ def random_hf_model(family: str, out: Path) -> None:
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-            rms_norm_eps=1e-6, tie_word_embeddings=False))
+            rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=50000.0))
     else:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4,
                                            n_positions=32))  # activation gelu_new (tanh)
@@ -125,8 +128,13 @@ def hf_eval_loss(folder: Path, cfg) -> float:
 def made(request, data_cache, tmp_path_factory):
     family, tmp = request.param, tmp_path_factory.mktemp(request.param)
     random_hf_model(family, tmp / "source")
-    cfg = compose(tiny_overrides(data_cache) + FAMILIES[family] + LAYOUT
-                  + [f"train.init_from=hf:{tmp / 'source'}"])
+    chosen = tiny_overrides(data_cache) + LAYOUT + [f"train.init_from=hf:{tmp / 'source'}"]
+    cfg = compose(chosen + FAMILIES[family])
+    if family == "llama":  # no model.* for Llama's fields: config.json fills them
+        cfg = compose(chosen)
+        filled = hf.fill_model(cfg, chosen)
+        assert cfg.model == compose(chosen + FAMILIES[family]).model, filled
+        assert len(filled) == len(FAMILIES[family]), filled
     cfg.run_dir = str(tmp / "run")
     evals = run_world(import_train_save, 4, cfg, tmp=tmp)[0]
     done = subprocess.run([str(Path(sys.executable).parent / "mptk-ckpt"), "export", "--format",

@@ -94,12 +94,57 @@ def test_config_mismatches_name_the_override():
     cfg = names.hf_config(m, names.Family.llama, eod=0)
     assert names.mismatches(m, cfg, "/x") == []
     lines = names.mismatches(model(), cfg, "/x")
-    assert "model.position_embedding=learned_absolute but /x/config.json says rope: add " \
-           "model.position_embedding=rope" in lines
-    assert "model.num_query_groups=4 but /x/config.json says 2: add model.num_query_groups=2" in lines
+    assert "model.position_embedding=learned_absolute but /x/config.json says rope: use " \
+           "model.position_embedding=rope or leave model.position_embedding out (then " \
+           "config.json's value is taken)" in lines
+    assert any(x.startswith("model.num_query_groups=4 but /x/config.json says 2: use "
+                            "model.num_query_groups=2 or") for x in lines)
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32,
             "vocab_size": 512, "activation_function": "gelu_new"}
     assert names.mismatches(model("model.activation=gelu_tanh"), gpt2, "/g") == []
-    assert names.mismatches(model(), gpt2, "/g") == [
-        "model.activation=gelu but /g/config.json says gelu_tanh: add model.activation=gelu_tanh"]
+    assert [x.split(" or ")[0] for x in names.mismatches(model(), gpt2, "/g")] == [
+        "model.activation=gelu but /g/config.json says gelu_tanh: use model.activation=gelu_tanh"]
     assert names.model_fields({"model_type": "bert"})[1][0].startswith("config.json model_type='bert'")
+
+
+def test_fill_takes_config_json_except_the_chosen_fields():
+    from mptk.checkpoint.hf import chosen_model_fields
+
+    llama = model(*LLAMA, "model.hidden_size=96", "model.num_attention_heads=6",
+                  "model.ffn_hidden_size=160")
+    cfg = names.hf_config(llama, names.Family.llama, eod=0)
+    m = model()  # GPT-2-style defaults: every architecture field differs from the Llama folder
+    chosen = chosen_model_fields(["model.num_layers=2", "+model.vocab_size=512", "train.steps=3",
+                                  "model=gpt_tiny"])
+    assert chosen == {"num_layers", "vocab_size"}
+    changed = names.fill(m, cfg, chosen | {"hidden_size"})
+    assert changed == ["num_attention_heads=6", "num_query_groups=2", "ffn_hidden_size=160",
+                       "position_embedding=rope", "normalization=RMSNorm", "activation=swiglu",
+                       "tie_embeddings=False"]
+    # the chosen field that disagrees stays and is one mismatch line; nothing else differs
+    lines = names.mismatches(m, cfg, "/x")
+    assert [x.split(":")[0] for x in lines] == ["model.hidden_size=64 but /x/config.json says 96"]
+    assert names.fill(m, cfg, set()) == ["hidden_size=96"]
+    assert names.mismatches(m, cfg, "/x") == [] and names.family(m)[0] is names.Family.llama
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 48,
+            "vocab_size": 512, "activation_function": "gelu_new"}
+    g = model()
+    assert names.fill(g, gpt2, set()) == ["num_layers=3", "seq_length=48", "activation=gelu_tanh"]
+    assert names.mismatches(g, gpt2, "/g") == []
+
+
+def test_rope_theta_is_model_rotary_base_both_ways():
+    m = model(*LLAMA, "model.rotary_base=500000")
+    cfg = names.hf_config(m, names.Family.llama, eod=0)
+    assert cfg["rope_theta"] == 500000.0
+    fresh = model(*LLAMA)
+    assert names.fill(fresh, cfg, set()) == ["rotary_base=500000.0"]
+    chosen = model(*LLAMA)
+    assert [x.split(":")[0] for x in names.mismatches(chosen, cfg, "/x")] == [
+        "model.rotary_base=10000.0 but /x/config.json says 500000.0"]
+    v5 = {**cfg, "rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}}
+    del v5["rope_theta"]
+    fields, lines = names.model_fields(v5)
+    assert fields["rotary_base"] == 1e6
+    assert lines == ["config.json rope_type=linear: mptk's RoPE has no scaling (only rope_theta, "
+                     "as model.rotary_base)"]

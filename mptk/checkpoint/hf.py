@@ -163,6 +163,20 @@ def fill_model(cfg: Any, overrides: list[str]) -> list[str]:
     return names.fill(cfg.model, hf, chosen_model_fields(overrides))
 
 
+def fill_tokenizer(cfg: Any, overrides: list[str]) -> list[str]:
+    """With ``train.init_from=hf:DIR`` and no ``data.tokenizer`` chosen: DIR's tokenizer (when
+    it has one) tokenizes the training text. Returns the change, as :func:`fill_model`."""
+    folder = hf_dir(cfg.train.init_from)
+    if (folder is None or cfg.data.tokenizer
+            or any(o.lstrip("+~").startswith("data.tokenizer=") for o in overrides)):
+        return []
+    if not ((folder / "tokenizer.json").is_file()
+            or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())):
+        return []
+    cfg.data.tokenizer = str(folder)
+    return [f"data.tokenizer={folder}"]
+
+
 def full_state(model: Any, folder: Path) -> dict[str, torch.Tensor]:
     """A Hugging Face folder as mptk's full (tp=1 pp=1) state dict for ``model``."""
     hf = read_config(folder)

@@ -12,7 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mptk.checkpoint.hf import fill_model, hf_dir
+from mptk.checkpoint.hf import fill_model, fill_tokenizer, hf_dir
 from mptk.config.checks import clamp_warmup, submitit_job
 from mptk.config.load import ConfigError, compose, compose_cfg, conf_dir, to_run_config
 from mptk.config.schema import RunConfig
@@ -34,9 +34,9 @@ _WARNED: set[str] = set()
 
 def fill_from_hf(cfg: RunConfig, overrides: list[str], speak: bool) -> None:
     """``train.init_from=hf:DIR``: the ``model.*`` fields not set by ``overrides`` come from
-    DIR/config.json; the launcher (or rank 0) says which, once."""
-    filled = fill_model(cfg, overrides)
-    line = f"model.* from {hf_dir(cfg.train.init_from)}/config.json: {' '.join(filled)}"
+    DIR/config.json, and the tokenizer from DIR; the launcher (or rank 0) says which, once."""
+    filled = fill_model(cfg, overrides) + fill_tokenizer(cfg, overrides)
+    line = f"from {hf_dir(cfg.train.init_from)}: {' '.join(filled)}"
     if filled and speak and line not in _WARNED:
         _WARNED.add(line)
         print(f"mptk: {line}", file=sys.stderr, flush=True)

@@ -267,6 +267,11 @@ class DataConfig:
     """Fraction of documents (or images) held out for evaluation."""
     image_root: str = ""
     """Folder of class sub-folders when ``source=image_folder``."""
+    tokenizer: str = ""
+    """A ``tokenizer.json`` or Hugging Face tokenizer folder to tokenize the text with instead
+    of training mptk's byte-level BPE on it (its vocabulary must fit ``model.vocab_size``).
+    Empty with ``train.init_from=hf:DIR``: DIR's tokenizer, so fine-tuning reads the text as
+    the pretrained model does."""
     blend: list[Any] = field(default_factory=list)
     """``source=indexed``: ``[weight, prefix, ...]``, ``[prefix, ...]`` or
     ``[{path: prefix, weight: w}, ...]``; empty = the stdlib corpus as .bin/.idx in cache_dir."""

@@ -196,6 +196,8 @@ def stdlib_key(cfg: RunConfig, files: list[Path], vocab_size: int) -> str:
     parts = {"version": STDLIB_VERSION, "files": [[str(p), p.stat().st_size] for p in files],
              "max_chars": int(cfg.data.max_chars), "vocab_size": int(vocab_size),
              "split": blends.split_vector(cfg.data.split)}
+    if cfg.data.tokenizer:  # the key of a trained-tokenizer cache stays as it always was
+        parts["tokenizer"] = tokenizer.digest(cfg.data.tokenizer)
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return f"indexed-stdlib-v{vocab_size}-{digest[:16]}"
 
@@ -230,6 +232,6 @@ def _build_stdlib(tmp: Path, cfg: RunConfig, files: list[Path], vocab_size: int)
     order = np.random.default_rng(STDLIB_SHUFFLE_SEED).permutation(len(texts))
     texts = [texts[i] for i in order]
     train_range = blends.split_ranges(len(texts), cfg.data.split)[0] or (0, len(texts))
-    tok = tokenizer.train_bpe(texts[:max(1, train_range[1])], vocab_size,
-                              tmp / "tokenizer.json")
+    tok = tokenizer.given_or_trained(cfg.data.tokenizer, texts[:max(1, train_range[1])],
+                                     vocab_size, tmp / "tokenizer.json")
     tokens.write_split(tmp, "stdlib", texts, tok, "stdlib")

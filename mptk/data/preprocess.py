@@ -29,7 +29,7 @@ from mptk.data import tokenizer as bpe
 JSONL_SUFFIXES = (".jsonl", ".json")
 """Files read as one JSON document a line; any other file is one plain-text document."""
 
-EOD_CANDIDATES = (bpe.EOD, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+EOD_CANDIDATES = bpe.EOD_CANDIDATES
 """End-of-document tokens looked for, in order, when none is named."""
 
 META_SUFFIX = ".meta.json"

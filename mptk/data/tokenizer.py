@@ -57,6 +57,28 @@ def load(path: str | Path) -> Tokenizer:
     return tok
 
 
+def given_or_trained(given: str, texts: list[str], vocab_size: int,
+                     path: str | Path) -> Tokenizer:
+    """``given`` (a tokenizer.json or HF folder, saved to ``path`` as the data's tokenizer)
+    when set, else a BPE trained on ``texts``."""
+    if not given:
+        return train_bpe(texts, vocab_size, path)
+    tok = load(given)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"data.tokenizer: {given} has {tok.get_vocab_size()} tokens > "
+                         f"model.vocab_size({vocab_size}); set model.vocab_size="
+                         f"{tok.get_vocab_size()} or more")
+    tok.save(str(path))
+    return tok
+
+
+def digest(given: str) -> str:
+    """A short hash of a given tokenizer's definition (a cache key part); "" when none."""
+    import hashlib
+
+    return hashlib.sha256(load(given).to_str().encode()).hexdigest()[:16] if given else ""
+
+
 def _from_vocab_merges(folder: Path) -> Tokenizer:
     """A byte-level BPE from GPT-2 style files."""
     tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
@@ -65,12 +87,17 @@ def _from_vocab_merges(folder: Path) -> Tokenizer:
     return tok
 
 
+EOD_CANDIDATES = (EOD, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+"""End-of-document tokens of common tokenizers (GPT-2, Llama 2, Llama 3, Gemma), first wins."""
+
+
 def eod_id(tok: Tokenizer) -> int:
-    """The id of the end-of-document token."""
-    idx = tok.token_to_id(EOD)
-    if idx is None:
-        raise ValueError(f"tokenizer has no {EOD} token")
-    return idx
+    """The id of the end-of-document token: the first of :data:`EOD_CANDIDATES` present."""
+    for name in EOD_CANDIDATES:
+        idx = tok.token_to_id(name)
+        if idx is not None:
+            return idx
+    raise ValueError(f"tokenizer has none of {list(EOD_CANDIDATES)} for the end of a document")
 
 
 def encode_documents(tok: Tokenizer, texts: list[str]) -> list[list[int]]:

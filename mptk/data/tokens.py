@@ -59,6 +59,8 @@ def cache_key(cfg: DataConfig, files: list[Path], vocab_size: int) -> str:
         "vocab_size": int(vocab_size),
         "heldout_fraction": float(cfg.heldout_fraction),
     }
+    if cfg.tokenizer:  # the key of a trained-tokenizer cache stays as it always was
+        parts["tokenizer"] = tokenizer.digest(cfg.tokenizer)
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return f"{cfg.source.value}-v{vocab_size}-{digest[:16]}"
 
@@ -120,9 +122,10 @@ def _build(folder: Path, cfg: DataConfig, files: list[Path], vocab_size: int, lo
         "train": [t for i, t in enumerate(texts) if i not in held],
         "heldout": [t for i, t in enumerate(texts) if i in held],
     }
-    tok = tokenizer.train_bpe(split_texts["train"], vocab_size, folder / "tokenizer.json")
-    log(f"trained byte-level BPE (vocab {tok.get_vocab_size()}) "
-        f"in {time.perf_counter() - start:.1f}s")
+    tok = tokenizer.given_or_trained(cfg.tokenizer, split_texts["train"], vocab_size,
+                                     folder / "tokenizer.json")
+    what = f"read {cfg.tokenizer}" if cfg.tokenizer else "trained byte-level BPE"
+    log(f"{what} (vocab {tok.get_vocab_size()}) in {time.perf_counter() - start:.1f}s")
     counts = {split: write_split(folder, split, docs, tok, cfg.source.value)
               for split, docs in split_texts.items()}
     meta = _meta(cfg, tok, counts, time.perf_counter() - start)

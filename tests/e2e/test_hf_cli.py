@@ -15,11 +15,16 @@ pytestmark = pytest.mark.e2e
 
 
 def gpt2_folder(out: Path) -> Path:
+    """A random GPT-2 with its own tokenizer (a BPE of 500 entries, trained on this file's
+    text: other ids than the 512-entry one mptk would train on the stdlib)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mptk.data.tokenizer import train_bpe
 
     torch.manual_seed(3)
     GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4,
                                n_positions=32)).save_pretrained(out)
+    train_bpe([Path(__file__).read_text()] * 4, 500, out / "tokenizer.json")
     return out
 
 
@@ -56,8 +61,17 @@ def test_fine_tune_from_hf_folder_saves_and_resumes(fine_tuned):
     first, second, run = fine_tuned["first"], fine_tuned["second"], fine_tuned["run"]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert f"initialised weights from the Hugging Face folder {fine_tuned['src']}" in first.stdout
-    assert f"mptk: model.* from {fine_tuned['src']}/config.json: " in first.stderr
-    saved = json.loads((run / "checkpoints" / "step_00000020" / "config.json").read_text())["model"]
+    assert f"mptk: from {fine_tuned['src']}: " in first.stderr
+    assert f"data.tokenizer={fine_tuned['src']}" in first.stderr
+    config = json.loads((run / "checkpoints" / "step_00000020" / "config.json").read_text())
+    assert config["data"]["tokenizer"] == str(fine_tuned["src"])
+    from tokenizers import Tokenizer
+
+    used = [Tokenizer.from_file(str(p)).get_vocab() for p in
+            Path(config["data"]["cache_dir"]).expanduser().glob("stdlib-*/tokenizer.json")]
+    given = Tokenizer.from_file(str(fine_tuned["src"] / "tokenizer.json")).get_vocab()
+    assert given in used and len(given) == 500  # the text was read with the folder's tokenizer
+    saved = config["model"]
     assert (saved["activation"], saved["hidden_size"], saved["num_layers"], saved["seq_length"],
             saved["vocab_size"]) == ("gelu_tanh", 64, 2, 32, 512)
     assert max(fine_tuned["steps_first"]) == 20 and (run / "checkpoints" / "step_00000020").is_dir()

@@ -198,6 +198,12 @@ def verify(folder: Path) -> list[str]:
     return mine if len(parts) == 1 else sorted(p for part in parts for p in part)
 
 
+def expert_parallel(folder: Path) -> bool:
+    """Whether checkpoint ``folder`` was saved with experts split over ep ranks (then it holds
+    no DeepSpeed state: :func:`mptk.checkpoint.state.deepspeed_state_saved`)."""
+    return int((saved_layout(folder) or {}).get("ep", 1)) > 1
+
+
 def structure_problems(folder: Path, world_size: int) -> list[str]:
     """Parts a finished save must have, checked before the manifest is written."""
     problems = [f"{part} missing" for part in (META, CONFIG, f"{WEIGHTS}/.metadata")
@@ -205,7 +211,7 @@ def structure_problems(folder: Path, world_size: int) -> list[str]:
     rng = len(list((folder / RNG).glob("rank_*.pt")))
     if rng != world_size:
         problems.append(f"{RNG}/ holds {rng} rank files, expected {world_size}")
-    if not list((folder / DEEPSPEED_TAG).glob("*model_states.pt")):
+    if not expert_parallel(folder) and not list((folder / DEEPSPEED_TAG).glob("*model_states.pt")):
         problems.append(f"{DEEPSPEED_TAG}/ holds no model states")
     return problems
 

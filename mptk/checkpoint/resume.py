@@ -141,16 +141,14 @@ def layout_problem(folder: Path, saved: dict, now: dict,
     (both :func:`mptk.checkpoint.format.layout_record`); ``reshardable``: the checkpoint holds
     the optimizer state of :mod:`mptk.checkpoint.optim_state`."""
     fixed, changes = _diff(saved, now, FIXED_KEYS), layout_changes(saved, now)
-    experts = changes and max(_saved(saved, "ep"), now.get("ep", 1)) > 1
-    if not fixed and (not changes or (reshardable and not experts)):
+    if not fixed and (not changes or reshardable):
         return None
     init_from = (f"start a new hydra.run.dir with train.init_from={folder} (its weights, a "
                  f"fresh optimizer)")
     if fixed:
         return (f"train.resume: {folder} was saved with {', '.join(fixed)}; a full resume keeps "
                 f"train.dtype and train.global_batch_size: restore them, or {init_from}")
-    why = ("expert-parallel optimizer state is not reshardable" if experts else
-           f"it holds no reshardable optimizer state (no {OPTIM}/: saved by an older mptk)")
+    why = f"it holds no reshardable optimizer state (no {OPTIM}/: saved by an older mptk)"
     return (f"train.resume: {folder} was saved with another layout ({', '.join(changes)}) and "
             f"{why}: restore that layout, or {init_from}")
 
@@ -228,6 +226,9 @@ class Plan:
     changes: list[str] = field(default_factory=list)
     """A resume at another layout: what changes (the weights are already loaded; the optimizer
     state is resharded by :func:`restore`). Empty: DeepSpeed's own exact resume."""
+    own_state: bool = False
+    """The checkpoint holds no DeepSpeed state (experts split over ep ranks): weights and
+    optimizer state come from mptk's own reshardable files, at any layout."""
     seed: int = 0
     """The run's ``train.seed``: a resume at another layout reseeds from it and the step."""
     device: str = "cpu"
@@ -291,11 +292,13 @@ def _relayout(cfg, layout, model: torch.nn.Module, plan: Plan) -> None:
     if message:
         raise CheckpointError(message)
     plan.changes = layout_changes(saved, now)
-    if plan.changes:
+    plan.own_state = fmt.expert_parallel(plan.folder)
+    if plan.changes or plan.own_state:
         from mptk.parallel import groups
 
         state.load_weights(state.chunks_of(model), plan.folder)
         plan.seed, plan.device = cfg.train.seed, groups.resolve_device(cfg.train.device).type
+    if plan.changes:
         say(f"resharding {plan.folder} to this layout ({', '.join(plan.changes)}): weights "
             f"loaded, optimizer state next")
 
@@ -307,10 +310,13 @@ def restore(engine, plan: Plan) -> int:
     if plan.folder is None:
         return 0
     step = int(plan.meta["step"])
-    if not plan.changes:
+    if not plan.changes and not plan.own_state:
         state.load_rank_state(engine, plan.folder, step)
         return step
     state.load_relayout_state(engine, plan.folder, step, plan.meta["layout"]["global_batch_size"])
+    if not plan.changes:  # the same ranks: their own streams
+        state.set_rng_state(torch.load(state.rng_file(plan.folder, rank()), weights_only=False))
+        return step
     # Rank files belong to the saved layout's ranks: fresh streams, distinct from the seed's own.
     from mptk.parallel import groups
 

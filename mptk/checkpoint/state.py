@@ -138,9 +138,19 @@ def save_rank_state(engine, folder: Path, step: int, global_batch_size: int,
     _local_results_queue()
     optim_state.save(engine, chunks, Path(folder) / optim_state.OPTIM)
     end_write_helpers()
-    client = {"step": step, "consumed_samples": step * global_batch_size}
-    engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state=client, save_latest=False)
+    if deepspeed_state_saved(engine):
+        client = {"step": step, "consumed_samples": step * global_batch_size}
+        engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state=client,
+                               save_latest=False)
     torch.save(rng_state(), rng_file(folder, rank()))
+
+
+def deepspeed_state_saved(engine) -> bool:
+    """Whether a checkpoint of this run holds DeepSpeed's own state. Not with experts split
+    over ep ranks: DeepSpeed's MoE checkpoint path wants its own expert modules, and its model
+    file would keep one ep rank's experts only. There the weights and the reshardable optimizer
+    state (which know every expert) are the whole resume state."""
+    return not getattr(engine, "has_moe_layers", False)  # set by mptk.engine.experts.bridge
 
 
 def load_rank_state(engine, folder: Path, step: int) -> None:

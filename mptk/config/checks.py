@@ -334,11 +334,6 @@ def _experts(cfg: RunConfig, dp: int | None) -> list[str]:
     if m.moe_capacity_factor is not None and m.moe_capacity_factor <= 0:
         problems.append(f"model.moe_capacity_factor({m.moe_capacity_factor}) must be > 0; or "
                         f"null for no token dropping")
-    if p.ep > 1 and cfg.train.save_interval != -1:
-        problems.append(f"train.save_interval({cfg.train.save_interval}) with parallel.ep({p.ep}) > 1: "
-                        f"expert-parallel checkpoints are not supported yet (DeepSpeed's MoE "
-                        f"checkpoint path does not know megatron's experts); set "
-                        f"train.save_interval=-1 or parallel.ep=1")
     if p.ep > 1 and cfg.zero.stage == 3:
         problems.append(f"zero.stage(3) with parallel.ep({p.ep}) > 1: DeepSpeed's ZeRO-3 does not "
                         f"take megatron's expert parameters; use zero.stage <= 2 or parallel.ep=1")

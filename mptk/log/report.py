@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 REPORT_NAME = "report.png"
+MOE_KEYS = ("moe_aux_loss", "moe_load_min", "moe_load_max")
+"""What a Mixture-of-Experts run logs at log steps (:mod:`mptk.models.moe`)."""
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:
@@ -53,8 +55,9 @@ def _panel(ax, rows: list[dict], keys: list[str], title: str) -> None:
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the report PNG (default ``run_dir/report.png``): loss, throughput, memory and the
-    per-phase step times of the slowest rank; returns its path."""
+    """Write the report PNG (default ``run_dir/report.png``): loss, throughput, memory, the
+    per-phase step times of the slowest rank and, for a MoE run, aux loss and expert load
+    (:func:`panels`); returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,18 +65,25 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     rows = read_rows(run_dir)
     out = Path(out) if out else Path(run_dir) / REPORT_NAME
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    _panel(axes[0], rows, ["loss", "eval_loss"], "loss")
-    rate = rate_key(rows)
-    _panel(axes[1], rows, [rate] if rate else [], f"throughput ({rate or 'n/a'})")
-    mem = memory_key(rows)
-    _panel(axes[2], rows, [mem] if mem else [], "peak memory (MiB)")
-    _panel(axes[3], rows, phase_keys(rows), "s/step per phase, slowest rank")
+    chosen = panels(rows)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4))
+    for ax, (keys, title) in zip(axes, chosen):
+        _panel(ax, rows, keys, title)
     fig.suptitle(str(run_dir), fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def panels(rows: list[dict]) -> list[tuple[list[str], str]]:
+    """(columns, title) of each panel: loss, throughput, memory, phase times, and for a
+    Mixture-of-Experts run (rows with :data:`MOE_KEYS`) its aux loss and expert load."""
+    rate, mem = rate_key(rows), memory_key(rows)
+    out = [(["loss", "eval_loss"], "loss"), ([rate] if rate else [], f"throughput ({rate or 'n/a'})"),
+           ([mem] if mem else [], "peak memory (MiB)"), (phase_keys(rows), "s/step per phase, slowest rank")]
+    moe = [key for key in MOE_KEYS if any(key in r for r in rows)]
+    return out + ([(moe, "MoE aux loss, expert load (1 = balanced)")] if moe else [])
 
 
 def phase_keys(rows: list[dict]) -> list[str]:

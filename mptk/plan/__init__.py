@@ -14,10 +14,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from mptk.config.checks import sequence_parallel
 from mptk.config.schema import ClusterConfig, RunConfig
 from mptk.parallel.layout import Layout
 from mptk.plan import partition
-from mptk.plan.cost import Shape, shape_of
+from mptk.plan.cost import MoEShape, Shape, active_params, shape_of, total_params
 from mptk.plan.hardware import EFFICIENCY, GPU, Cluster, GiB, from_device_name, gpu
 from mptk.plan.memory import Choice, Memory, Training, training_of, worst_memory
 from mptk.plan.perf import Timing, estimate
@@ -39,7 +40,8 @@ def choice_of(cfg: RunConfig, world: int) -> Choice:
     p, recompute = cfg.parallel, cfg.train.recompute
     return Choice(tp=p.tp, pp=p.pp, dp=max(1, world // (p.tp * p.cp * p.pp)), vpp=p.vpp or 1,
                   zero=cfg.zero.stage, micro=cfg.train.micro_batch_size,
-                  recompute=str(getattr(recompute, "value", recompute)), sp=bool(p.sp), cp=p.cp)
+                  recompute=str(getattr(recompute, "value", recompute)),
+                  sp=bool(sequence_parallel(p, cfg.model)), cp=p.cp, ep=p.ep)
 
 
 def stage_counts(cfg: RunConfig, c: Choice) -> list[int]:
@@ -78,11 +80,21 @@ class Plan:
         need, have = self.memory.total() / GiB, self.cluster.gpu.memory / GiB
         where = f"on {self.cluster.gpu.name} (pipeline rank {self.memory.rank})"
         if self.fits:
-            return f"fits: {need:.1f} GiB of {have:.1f} GiB per GPU {where}, {have - need:.1f} GiB free"
+            return self.params_line() + (f"fits: {need:.1f} GiB of {have:.1f} GiB per GPU {where}, "
+                                         f"{have - need:.1f} GiB free")
         top = sorted(self.memory.rows(), key=lambda r: -r[1])[:2]
         largest = ", ".join(f"{name} {value / GiB:.1f} GiB" for name, value in top)
-        return (f"does not fit: needs {need:.1f} GiB of {have:.1f} GiB per GPU {where}; largest: "
-                f"{largest}; try a higher ZeRO stage, more tp/pp, a smaller micro-batch, or --search")
+        return self.params_line() + (
+            f"does not fit: needs {need:.1f} GiB of {have:.1f} GiB per GPU {where}; largest: "
+            f"{largest}; try a higher ZeRO stage, more tp/pp, a smaller micro-batch, or --search")
+
+    def params_line(self) -> str:
+        """A MoE model's ``parameters: X total, Y active; `` (empty for a dense model, whose
+        parameters are all active)."""
+        if not isinstance(self.shape, MoEShape):
+            return ""
+        return (f"parameters: {total_params(self.shape):,} total, {active_params(self.shape):,} "
+                f"active (ep {self.choice.ep}, {self.memory.params:,} on this rank); ")
 
 
 def make_plan(sh: Shape, c: Choice, tr: Training, cluster: Cluster, counts: list[int],

@@ -8,20 +8,24 @@ three never disagree. It reads a :class:`~mptk.config.shape.Shape`, which each r
 
 Parameters are counted tensor by tensor as megatron-core's local spec builds them; FLOPs follow
 Megatron's formula written per layer (so it holds for SwiGLU and GQA too); activations follow
-Korthikanti et al. 2022, Table 2.
+Korthikanti et al. 2022, Table 2. A Mixture-of-Experts model (:class:`MoEShape`) splits each
+layer's tensors into dense ones (attention, router, shared expert) and expert ones (split over
+ep); its FLOPs count the active parameters (top-k experts per token).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from dataclasses import dataclass
 
 from mptk.config import registry
 from mptk.config.schema import ModelConfig
 from mptk.config.shape import Embedding, Head, Shape
 
 __all__ = [
-    "cp_alltoall_bytes", "local_sequence",
+    "cp_alltoall_bytes", "local_sequence", "MoEShape", "active_params", "ep_alltoall_bytes",
+    "dense_layer_tensors", "expert_tensors", "moe_activations",
     "Embedding", "Head", "Shape", "Tensors", "embedding_flops", "hardware_flops", "head_bytes",
     "dropout_masks", "head_flops", "korthikanti", "largest_layer", "layer_activations", "layer_flops",
     "layer_forward", "layer_matmul_params", "layer_tensors", "logits", "loss_flops",
@@ -31,9 +35,30 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class MoEShape(Shape):
+    """A Mixture-of-Experts model: every layer's MLP is a router, ``experts`` expert MLPs of
+    width ``expert_ffn`` (``topk`` per token) and an optional shared expert; no biases
+    (megatron's expert MLP cannot take them, the preflight asks for ``model.bias=false``)."""
+
+    experts: int = 0
+    topk: int = 1
+    expert_ffn: int = 0
+    shared_ffn: int = 0
+    """Width of the shared expert every token also goes through (0: none)."""
+
+
 def shape_of(model: ModelConfig) -> Shape:
-    """The :class:`Shape` the model's recipe states for this config."""
-    return registry.get(model.recipe).shape(model)
+    """The :class:`Shape` the model's recipe states for this config (a :class:`MoEShape` when
+    ``model.num_experts`` is set)."""
+    base = registry.get(model.recipe).shape(model)
+    experts = getattr(model, "num_experts", None) or 0
+    if not experts:
+        return base
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    return MoEShape(**fields, experts=experts, topk=model.moe_topk,
+                    expert_ffn=model.moe_ffn_hidden_size or base.ffn,
+                    shared_ffn=model.moe_shared_expert_hidden_size or 0)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -47,13 +72,39 @@ def _norm(s: Shape) -> list[tuple[int, bool]]:
     return [(s.hidden, False)] if s.rms else [(s.hidden, False), (s.hidden, False)]
 
 
-def layer_tensors(s: Shape, tp: int) -> list[tuple[int, bool]]:
-    """One megatron transformer layer (local spec, biases on) on one tp rank."""
+def _mlp(h: int, ffn: int, gated: bool, tp: int, bias: bool = True) -> list[tuple[int, bool]]:
+    """fc1 (twice as wide when gated) and fc2 of one MLP on one tp rank."""
+    fc1 = ffn * (2 if gated else 1) // tp
+    return [(fc1 * h, True), (h * ffn // tp, True)] + ([(fc1, False), (h, False)] if bias else [])
+
+
+def _attention(s: Shape, tp: int, bias: bool = True) -> list[tuple[int, bool]]:
+    """Input norm, qkv and output projection on one tp rank."""
     h, d = s.hidden, s.hidden // s.heads
     qkv = (s.heads + 2 * s.kv_heads) * d // tp
-    fc1 = s.ffn * (2 if s.gated else 1) // tp
-    return [*_norm(s), (qkv * h, True), (qkv, False), (h * h // tp, True), (h, False),
-            *_norm(s), (fc1 * h, True), (fc1, False), (h * s.ffn // tp, True), (h, False)]
+    return [*_norm(s), (qkv * h, True), (h * h // tp, True)] + ([(qkv, False), (h, False)] if bias else [])
+
+
+def layer_tensors(s: Shape, tp: int, ep: int = 1) -> list[tuple[int, bool]]:
+    """One megatron transformer layer (local spec, biases on) on one tp rank; a MoE layer's
+    experts split over ``ep`` ranks (expert tp = tp, megatron's default)."""
+    return dense_layer_tensors(s, tp) + expert_tensors(s, tp, ep)
+
+
+def dense_layer_tensors(s: Shape, tp: int) -> list[tuple[int, bool]]:
+    """The tensors of one layer every ep rank holds: attention, and the dense MLP or the
+    router (replicated over tp) and the shared expert."""
+    if not isinstance(s, MoEShape):
+        return [*_attention(s, tp), *_norm(s), *_mlp(s.hidden, s.ffn, s.gated, tp)]
+    shared = _mlp(s.hidden, s.shared_ffn, s.gated, tp, bias=False) if s.shared_ffn else []
+    return [*_attention(s, tp, bias=False), *_norm(s), (s.experts * s.hidden, True), *shared]
+
+
+def expert_tensors(s: Shape, tp: int, ep: int) -> list[tuple[int, bool]]:
+    """One layer's experts on one rank: ``experts / ep`` expert MLPs split over tp."""
+    if not isinstance(s, MoEShape):
+        return []
+    return _mlp(s.hidden, s.expert_ffn, s.gated, tp, bias=False) * (s.experts // ep)
 
 
 def _embedding_tensors(s: Shape, tp: int) -> list[tuple[int, bool]]:
@@ -77,18 +128,34 @@ def _head_tensors(s: Shape, tp: int, first: bool, pp: int) -> list[tuple[int, bo
     return []
 
 
-def stage_tensors(s: Shape, tp: int, layers: int, first: bool, last: bool, pp: int = 1) -> Tensors:
-    """Parameter tensors of one rank holding ``layers`` layers (and the ends it owns)."""
-    counts = Counter((_embedding_tensors(s, tp) if first else [])
-                     + (_head_tensors(s, tp, first, pp) if last else []))
-    for key, n in Counter(layer_tensors(s, tp)).items():
+def stage_tensors(s: Shape, tp: int, layers: int, first: bool, last: bool, pp: int = 1,
+                  ep: int = 1, part: str = "all") -> Tensors:
+    """Parameter tensors of one rank holding ``layers`` layers (and the ends it owns);
+    ``part``: ``all``, ``dense`` (what every ep rank holds) or ``experts`` (its share of the
+    experts, which ZeRO partitions over the expert-data-parallel group)."""
+    counts: Tensors = Counter()
+    if part != "experts":
+        counts.update((_embedding_tensors(s, tp) if first else [])
+                      + (_head_tensors(s, tp, first, pp) if last else []))
+    layer = {"all": layer_tensors(s, tp, ep), "dense": dense_layer_tensors(s, tp),
+             "experts": expert_tensors(s, tp, ep)}[part]
+    for key, n in Counter(layer).items():
         counts[key] += n * layers
     return counts
 
 
 def total_params(s: Shape) -> int:
-    """Parameters of the whole model (tp=1, pp=1)."""
+    """Parameters of the whole model (tp=1, pp=1), every expert included."""
     return numel(stage_tensors(s, 1, s.layers, True, True))
+
+
+def active_params(s: Shape) -> int:
+    """Parameters one token goes through: the dense ones and ``topk`` experts per layer (the
+    total for a dense model)."""
+    if not isinstance(s, MoEShape):
+        return total_params(s)
+    expert = sum(n for n, _ in _mlp(s.hidden, s.expert_ffn, s.gated, 1, bias=False))
+    return total_params(s) - s.layers * (s.experts - s.topk) * expert
 
 
 def numel(t: Tensors) -> int:
@@ -107,9 +174,9 @@ def tensor_count(t: Tensors) -> int:
     return sum(t.values())
 
 
-def largest_layer(s: Shape, tp: int) -> int:
+def largest_layer(s: Shape, tp: int, ep: int = 1) -> int:
     """Elements of one layer on one tp rank (what ZeRO-3 gathers at a time)."""
-    return sum(n for n, _ in layer_tensors(s, tp))
+    return sum(n for n, _ in layer_tensors(s, tp, ep))
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -121,8 +188,12 @@ def megatron_flops(batch: int, s: int, l: int, h: int, v: int) -> float:  # noqa
 
 
 def layer_matmul_params(s: Shape) -> int:
-    """Matrix elements of one layer (tp=1): qkv, projection, MLP."""
-    return sum(n for n, matrix in layer_tensors(s, 1) if matrix)
+    """Matrix elements one token meets in a layer (tp=1): qkv, projection, MLP (a MoE layer:
+    the router, the shared expert and ``topk`` experts)."""
+    dense = sum(n for n, matrix in dense_layer_tensors(s, 1) if matrix)
+    if not isinstance(s, MoEShape):
+        return dense
+    return dense + s.topk * sum(n for n, _ in _mlp(s.hidden, s.expert_ffn, s.gated, 1, bias=False))
 
 
 def layer_forward(s: Shape) -> tuple[float, float]:
@@ -234,7 +305,25 @@ def layer_activations(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w
     the scaled noise in the activation dtype, ``mask = w``: docs/memory_levers.md)."""
     mode = "selective" if s.flash and recompute == "none" else recompute
     masks = dropout_masks(s, micro, tp, sp, mode)
-    return korthikanti(s.seq, micro, s.hidden, s.heads, tp, sp, mode) * (w / 2) + masks * (mask - w / 2)
+    dense = korthikanti(s.seq, micro, s.hidden, s.heads, tp, sp, mode) + moe_activations(s, micro, tp, sp, mode)
+    return dense * (w / 2) + masks * (mask - w / 2)
+
+
+def moe_activations(s: Shape, micro: int, tp: int, sp: bool, recompute: str) -> float:
+    """16-bit bytes a MoE layer keeps beyond Korthikanti's dense layer (roughly, at a balanced
+    load), whose 4h MLP keeps its fc1 output and activation (16sbh/t). A MoE layer keeps
+    instead ``topk`` copies of every token in the dispatcher, whole on every tp rank of the
+    expert (its input, and its output for the router-probability weighting at the combine:
+    4 topk sbh), each copy's fc1 output and activation (2 topk sb (fc1 + ffn)/t), the shared
+    expert's (2 sb (fc1 + ffn)/t) and the fp32 router logits and probabilities (8 sbE, /t with
+    sequence parallelism). Full recompute keeps the layer input only: nothing extra."""
+    if not isinstance(s, MoEShape) or recompute == "full":
+        return 0.0
+    sb, widths = s.seq * micro, 3 if s.gated else 2
+    experts = 4 * s.topk * sb * s.hidden + 2 * s.topk * sb * widths * s.expert_ffn / tp
+    shared = 2 * sb * widths * s.shared_ffn / tp
+    router = 8 * sb * s.experts / (tp if sp else 1)
+    return experts + shared + router - 16 * sb * s.hidden / tp
 
 
 def stage_activations(s: Shape, micro: int, tp: int, sp: bool, recompute: str, w: int,
@@ -282,6 +371,16 @@ def cp_alltoall_bytes(s: Shape, micro: int, tp: int, cp: int, w: int) -> float:
     token = s.seq // cp * micro * s.hidden // max(1, s.heads) * w / tp
     heads = 2 * s.heads + 2 * (s.kv_heads or s.heads)
     return 2 * token * heads * (cp - 1) / cp
+
+
+def ep_alltoall_bytes(s: Shape, micro: int, tp: int, sp: bool, ep: int, w: int) -> float:
+    """Bytes one rank sends per MoE layer and micro-batch, forward + backward: the dispatch and
+    combine all-to-alls, each way, carry ``topk`` copies of the rank's tokens (s b, /tp with
+    sequence parallelism), each rank keeping the 1/ep bound for its own experts."""
+    if not isinstance(s, MoEShape) or ep <= 1:
+        return 0.0
+    tokens = s.seq * micro / (tp if sp else 1)
+    return 4 * s.topk * tokens * s.hidden * w * (ep - 1) / ep
 
 
 def head_bytes(s: Shape, micro: int, tp: int, sp: bool = False, w: int = 2) -> float:

@@ -31,8 +31,8 @@ from mptk.plan.cost import (
 )
 
 __all__ = ["Choice", "Memory", "States", "Training", "buffers", "in_flight", "interleave_factor",
-           "model_states", "rank_activations", "rank_layers", "rank_memory", "training_of", "worst_memory",
-           "zero_paper"]
+           "model_states", "rank_activations", "rank_layers", "rank_memory", "rank_states", "training_of",
+           "worst_memory", "zero_paper"]
 
 
 # --------------------------------------------------------------------------- model states
@@ -259,11 +259,19 @@ class Choice:
     """Megatron sequence parallelism (tp > 1)."""
     cp: int = 1
     """Context parallelism: each rank holds seq/cp tokens of every sequence (Ulysses)."""
+    ep: int = 1
+    """Expert parallelism: each rank holds 1/ep of every MoE layer's experts (ep divides dp x cp)."""
 
     @property
     def replicas(self) -> int:
         """DeepSpeed's data-parallel world: dp x cp (gradients averaged, ZeRO partitions)."""
         return self.dp * self.cp
+
+    @property
+    def expert_replicas(self) -> int:
+        """The expert-data-parallel group: ranks holding the same experts, dp x cp / ep (their
+        gradients reduced and, under ZeRO, their optimizer states partitioned over it)."""
+        return max(1, self.replicas // self.ep)
 
     def grad_acc(self, global_batch: int) -> int:
         """Micro-batches per step on each data-parallel rank."""
@@ -282,17 +290,33 @@ def rank_activations(sh: Shape, c: Choice, tr: Training, chunks: list[int], held
     return kept * held + max(rebuilt, default=0.0)
 
 
+def rank_states(sh: Shape, c: Choice, tr: Training, layers: int, first: bool, last: bool) -> States:
+    """Model states of one rank: the dense tensors partitioned over dp x cp, the rank's experts
+    (1/ep of them, DeepSpeed's separate ``moe`` groups) over the expert-data-parallel group."""
+    dense = model_states(stage_tensors(sh, c.tp, layers, first, last, c.pp, part="dense"),
+                         c.replicas, c.zero, tr)
+    experts = stage_tensors(sh, c.tp, layers, first, last, c.pp, c.ep, part="experts")
+    if not experts:
+        return dense
+    own = model_states(experts, c.expert_replicas, c.zero, tr)
+    return States(params=dense.params + own.params, grads=dense.grads + own.grads,
+                  master=dense.master + own.master, optim=dense.optim + own.optim)
+
+
 def rank_memory(sh: Shape, c: Choice, tr: Training, counts: list[int], rank: int,
                 reserve: float) -> Memory:
     """Memory of pipeline rank ``rank`` (``counts``: layers per virtual stage)."""
     first, last = rank == 0, rank == c.pp - 1
     layers = rank_layers(counts, c.pp, rank)
-    t = stage_tensors(sh, c.tp, layers, first, last, c.pp)
+    t = stage_tensors(sh, c.tp, layers, first, last, c.pp, c.ep)
+    experts = numel(stage_tensors(sh, c.tp, layers, first, last, c.pp, c.ep, part="experts"))
+    # the fp32 up-cast buffer covers a 1/replicas partition: experts are split over ep fewer ranks
+    partitioned = numel(t) + (c.ep - 1) * experts if c.zero else numel(t)
     held = in_flight(c.pp, c.grad_acc(tr.global_batch), rank) * interleave_factor(c.pp, c.vpp)
-    return Memory(states=model_states(t, c.replicas, c.zero, tr),
+    return Memory(states=rank_states(sh, c, tr, layers, first, last),
                   activations=rank_activations(sh, c, tr, counts[rank::c.pp], held),
                   head=head_bytes(local_sequence(sh, c.cp), c.micro, c.tp, c.sp, tr.w) if last else 0.0,
-                  buffers=buffers(c.zero, tr, numel(t), largest_layer(sh, c.tp), c.replicas),
+                  buffers=buffers(c.zero, tr, partitioned, largest_layer(sh, c.tp, c.ep), c.replicas),
                   reserve=reserve, rank=rank, params=numel(t), layers=layers, micro_batches=held)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from mptk.plan.cost import (
     Shape,
     cp_alltoall_bytes,
+    ep_alltoall_bytes,
     hardware_flops,
     local_sequence,
     model_flops,
@@ -115,6 +116,18 @@ def cp_comm(sh: Shape, c: Choice, tr: Training, cluster: Cluster, layers: int, m
     return (layers + recomputed / 2) * m * (size / bw + 8 * lat)
 
 
+def ep_comm(sh: Shape, c: Choice, tr: Training, cluster: Cluster, layers: int, m: int,
+            recomputed: int = 0) -> float:
+    """Seconds of the MoE token dispatcher's all-to-alls per step on one GPU: dispatch and
+    combine each way per layer and micro-batch (+ the forward's two again per ``recomputed``
+    layer). The ep group spans tp ranks times ep (megatron's expert order tp-ep-dp)."""
+    if c.ep <= 1:
+        return 0.0
+    bw, lat = link(cluster, c.tp * c.ep)
+    size = ep_alltoall_bytes(sh, c.micro, c.tp, c.sp, c.ep, tr.w)
+    return (layers + recomputed / 2) * m * (size / bw + 4 * lat)
+
+
 def optimizer_time(params: int, c: Choice, tr: Training, cluster: Cluster) -> float:
     """Memory-bound AdamW over this rank's partition: grad, master, 2 moments read, master,
     moments and the working copy written."""
@@ -142,13 +155,16 @@ class Timing:
     bubble_share: float
     cp: float = 0.0
     """Context-parallel all-to-alls (part of ``step``)."""
+    ep: float = 0.0
+    """Expert-parallel (MoE token dispatcher) all-to-alls (part of ``step``)."""
 
     def rows(self) -> list[tuple[str, float]]:
         """(part, seconds) in the order the report prints them."""
         rows = [("compute", self.compute), ("tensor-parallel all-reduce", self.tp),
                 ("pipeline bubble", self.bubble), ("pipeline sends", self.pp),
                 ("data-parallel reduce (exposed)", self.dp), ("optimizer step", self.optimizer)]
-        return rows + ([("context-parallel all-to-all", self.cp)] if self.cp else [])
+        rows += [("context-parallel all-to-all", self.cp)] if self.cp else []
+        return rows + ([("expert-parallel all-to-all", self.ep)] if self.ep else [])
 
 
 def rate(sh: Shape, c: Choice, cluster: Cluster, efficiency: float) -> float:
@@ -172,16 +188,28 @@ def estimate(sh: Shape, c: Choice, tr: Training, cluster: Cluster, counts: list[
     local = local_sequence(sh, c.cp)  # a cp rank's tp and pp traffic is on seq/cp tokens
     tp = tp_comm(local, c, tr, cluster, layers, m, recomputed)
     cp = cp_comm(sh, c, tr, cluster, layers, m, recomputed)
-    bubble = (compute + tp + cp) * bubble_overhead(c.pp, m, c.vpp)
-    params = numel(stage_tensors(sh, c.tp, layers, True, c.pp == 1, c.pp))
-    replicas = dataclasses.replace(c, dp=c.replicas, cp=1)  # gradients reduce over dp x cp
-    dp = dp_comm(replicas, tr, cluster, params, m)
+    ep = ep_comm(local, c, tr, cluster, layers, m, recomputed)
+    bubble = (compute + tp + cp + ep) * bubble_overhead(c.pp, m, c.vpp)
+    dp, optimizer = _reductions(sh, c, tr, cluster, layers, m)
     hidden = 0.5 * compute if tr.overlap_comm and c.zero >= 1 else 0.0
-    parts = (compute, tp, bubble, pp_comm(local, c, tr, cluster, m), max(0.0, dp - hidden),
-             optimizer_time(params, replicas, tr, cluster))
-    step = sum(parts) + cp
+    parts = (compute, tp, bubble, pp_comm(local, c, tr, cluster, m), max(0.0, dp - hidden), optimizer)
+    step = sum(parts) + cp + ep
     peak = world * cluster.gpu.tflops * 1e12
     return Timing(*parts, step=step, samples_per_s=tr.global_batch / step,
                   tokens_per_s=tr.global_batch * sh.seq / step,
                   mfu=model_flops(sh, tr.global_batch) / step / peak,
-                  bubble_share=bubble / step, cp=cp)
+                  bubble_share=bubble / step, cp=cp, ep=ep)
+
+
+def _reductions(sh: Shape, c: Choice, tr: Training, cluster: Cluster, layers: int,
+                m: int) -> tuple[float, float]:
+    """(data-parallel reduce, optimizer step) seconds: dense gradients reduce over dp x cp,
+    a MoE rank's experts over the expert-data-parallel group (dp x cp / ep)."""
+    last = c.pp == 1
+    dense = numel(stage_tensors(sh, c.tp, layers, True, last, c.pp, part="dense"))
+    experts = numel(stage_tensors(sh, c.tp, layers, True, last, c.pp, c.ep, part="experts"))
+    replicas = dataclasses.replace(c, dp=c.replicas, cp=1)  # gradients reduce over dp x cp
+    owners = dataclasses.replace(c, dp=c.expert_replicas, cp=1)
+    dp = dp_comm(replicas, tr, cluster, dense, m) + (dp_comm(owners, tr, cluster, experts, m) if experts else 0.0)
+    optimizer = optimizer_time(dense, replicas, tr, cluster) + optimizer_time(experts, owners, tr, cluster)
+    return dp, optimizer

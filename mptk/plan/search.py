@@ -17,7 +17,7 @@ from typing import Optional
 from mptk.config import registry
 from mptk.config.schema import Recompute, RunConfig
 from mptk.plan import RESERVE, Plan, choice_of, make_plan
-from mptk.plan.cost import Shape, shape_of
+from mptk.plan.cost import MoEShape, Shape, shape_of
 from mptk.plan.hardware import EFFICIENCY, Cluster
 from mptk.plan.memory import Choice, Training, training_of
 from mptk.plan.partition import even_split
@@ -40,6 +40,9 @@ class Knobs:
     """The recipe has a pipeline forward (pp > 1 possible)."""
     cp: bool = True
     """Context parallelism (``parallel.cp``; token sequences only)."""
+    moe: bool = False
+    """A Mixture-of-Experts model: expert parallelism (``parallel.ep``) is searched, sequence
+    parallelism is on at tp > 1 and ZeRO-3 is left out at ep > 1 (as the preflight asks)."""
 
 
 def knobs_of(cfg: RunConfig) -> Knobs:
@@ -49,7 +52,16 @@ def knobs_of(cfg: RunConfig) -> Knobs:
     except KeyError:
         pipeline = False
     images = cfg.data.source.value in ("digits", "image_folder")
-    return Knobs(pipeline=pipeline, cp=not images and cfg.model.attention.value == "sdpa")
+    return Knobs(pipeline=pipeline, cp=not images and cfg.model.attention.value == "sdpa",
+                 moe=isinstance(shape_of(cfg.model), MoEShape))
+
+
+def ep_options(sh: Shape, replicas: int) -> list[int]:
+    """Expert-parallel degrees to try: those dividing both the experts and dp x cp (1 for a
+    dense model)."""
+    if not isinstance(sh, MoEShape):
+        return [1]
+    return [e for e in divisors(sh.experts) if replicas % e == 0]
 
 
 def divisors(n: int) -> list[int]:
@@ -75,9 +87,10 @@ def _inner(c: Choice, global_batch: int, knobs: Knobs, asked: Choice) -> Iterato
     """Micro-batch, ZeRO stage, recomputation and sequence parallelism for one (tp, pp, vpp);
     a knob not searched stays as the config has it (``asked``)."""
     per_rank = global_batch // c.dp
-    zeros = (0, 1, 2, 3) if c.pp == 1 else (0, 1)
+    zeros = (0, 1, 2, 3) if c.pp == 1 and c.ep == 1 else (0, 1, 2) if c.pp == 1 else (0, 1)
     recomputes = RECOMPUTE if knobs.recompute else (asked.recompute,)
     sps = (False, True) if knobs.sp and c.tp > 1 else (asked.sp and c.tp > 1,)
+    sps = (True,) if knobs.moe and c.tp > 1 else sps  # megatron's MoE layer needs sp at tp > 1
     for micro in divisors(per_rank):
         for zero in zeros:
             for rc in recomputes:
@@ -86,15 +99,18 @@ def _inner(c: Choice, global_batch: int, knobs: Knobs, asked: Choice) -> Iterato
 
 
 def grid(sh: Shape, cluster: Cluster, knobs: Knobs) -> Iterator[Choice]:
-    """Every (tp, cp, pp, vpp) with tp dividing the GPUs of a node and tp * cp * pp the world."""
+    """Every (tp, cp, pp, vpp, ep) with tp dividing the GPUs of a node, tp * cp * pp the world
+    and ep dividing the experts and dp x cp."""
     world = cluster.world
     for tp in divisors(cluster.gpus_per_node):
         if world % tp:
             continue
         for cp in divisors(world // tp) if knobs.cp else [1]:
             for pp in _pp_options(sh, world // cp, tp, knobs):
+                dp = world // (tp * cp * pp)
                 for vpp in _vpp_options(sh, pp, knobs):
-                    yield Choice(tp=tp, pp=pp, dp=world // (tp * cp * pp), vpp=vpp, cp=cp)
+                    for ep in ep_options(sh, dp * cp):
+                        yield Choice(tp=tp, pp=pp, dp=dp, vpp=vpp, cp=cp, ep=ep)
 
 
 # --------------------------------------------------------------------------- validity
@@ -206,14 +222,15 @@ def search(cfg: RunConfig, cluster: Cluster, knobs: Optional[Knobs] = None, top:
 
 def overrides(cfg: RunConfig, c: Choice, cluster: Optional[Cluster] = None) -> list[str]:
     """The command-line overrides that select layout ``c`` (and the cluster size);
-    ``parallel.vpp``, ``train.recompute`` and ``parallel.sp`` only where they differ from
-    ``cfg``."""
+    ``parallel.vpp``, ``parallel.cp``, ``train.recompute``, ``parallel.sp`` and ``parallel.ep``
+    only where they differ from ``cfg``."""
     asked = choice_of(cfg, c.tp * c.cp * c.pp * c.dp)
     out = [f"parallel.tp={c.tp}", f"parallel.pp={c.pp}", *_vpp(cfg, c.vpp)]
     out += [f"parallel.cp={c.cp}"] if c.cp != asked.cp else []
     out += [f"zero.stage={c.zero}", f"train.micro_batch_size={c.micro}"]
     out += [f"train.recompute={c.recompute}"] if c.recompute != asked.recompute else []
     out += [f"parallel.sp={str(c.sp).lower()}"] if c.sp != asked.sp else []
+    out += [f"parallel.ep={c.ep}"] if c.ep != asked.ep else []
     return out + (_cluster(cluster) if cluster else [])
 
 
@@ -237,5 +254,6 @@ def configured(cfg: RunConfig, c: Choice, world: int) -> RunConfig:
     cfg.parallel.vpp = c.vpp if c.vpp > 1 else None
     cfg.zero.stage, cfg.train.micro_batch_size = c.zero, c.micro
     cfg.train.recompute, cfg.parallel.sp = Recompute(c.recompute), c.sp
+    cfg.parallel.ep = c.ep
     cfg.launcher.nproc_per_node = world
     return cfg

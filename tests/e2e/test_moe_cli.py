@@ -2,7 +2,11 @@
 with its experts split over ep=2 ranks (dp=2, ZeRO-1) gives the losses and grad norms of the
 one-process ep=1 run (clipping active), and every log step's row carries the aux loss and the
 per-expert token load. (Held-out losses depend on dp, which reads dp shares of the held-out
-batches: tests/spawn/test_moe.py compares them at equal dp.)"""
+batches: tests/spawn/test_moe.py compares them at equal dp.) The ep=2 run saves after steps 3
+and 6; from its step-3 checkpoint a resume at ep=2 repeats steps 4-6 bit for bit, and one at
+ep=1 on one process (ZeRO-2, the experts and their optimizer state resharded) within 1e-5."""
+
+import shutil
 
 import numpy as np
 import pytest
@@ -10,10 +14,12 @@ from e2e_util import metrics, mptk, tiny
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 3
+STEPS = 6
 COMMON = ("model=gpt_moe_tiny", "train=smoke", f"train.steps={STEPS}", "train.eval_interval=0",
-          "train.eval_batches=2", "train.save_interval=-1", "parallel.tp=1", "zero=zero1",
+          "train.eval_batches=2", "parallel.tp=1", "zero=zero1",
           "model.moe_ffn_hidden_size=64", "optim.grad_clip=0.5")
+ONE, EP2 = ("launcher.nproc_per_node=1", "train.save_interval=-1"), \
+    ("launcher.nproc_per_node=2", "parallel.ep=2", "train.save_interval=3")
 
 
 def train(tmp_path, cache, name, *overrides):
@@ -25,8 +31,23 @@ def train(tmp_path, cache, name, *overrides):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache):
     tmp = tmp_path_factory.mktemp("moe-cli")
-    return {"ep1": train(tmp, cache, "ep1", "launcher.nproc_per_node=1"),
-            "ep2": train(tmp, cache, "ep2", "launcher.nproc_per_node=2", "parallel.ep=2")}
+    runs = {"ep1": train(tmp, cache, "ep1", *ONE), "ep2": train(tmp, cache, "ep2", *EP2)}
+    for name, layout in (("ep2-resumed", EP2), ("ep1-resumed", (*ONE, "zero=zero2"))):
+        shutil.copytree(tmp / "ep2", tmp / name)  # the run dir as it was after step 3
+        shutil.rmtree(tmp / name / "checkpoints" / f"step_{STEPS:08d}")
+        runs[name] = train(tmp, cache, name, *layout)
+    return runs
+
+
+def test_ep2_checkpoint_resumes_exactly_at_ep2_and_resharded_at_ep1(runs):
+    whole, keys = runs["ep2"], ("loss", "grad_norm", "lr", "moe_aux_loss", "moe_load_max")
+    assert {s: [r[k] for k in keys] for s, r in runs["ep2-resumed"].items()} == \
+        {s: [r[k] for k in keys] for s, r in whole.items()}
+    got = runs["ep1-resumed"]
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm", "moe_aux_loss"):
+        np.testing.assert_allclose([got[s][key] for s in range(4, STEPS + 1)],
+                                   [whole[s][key] for s in range(4, STEPS + 1)], rtol=1e-5, atol=0)
 
 
 def test_ep2_equals_ep1_through_the_cli(runs):

@@ -49,11 +49,10 @@ def test_dtype_and_global_batch_are_kept(tmp_path):
     assert "global_batch_size 8->16" in line
 
 
-def test_expert_parallel_layout_change_is_refused(tmp_path):
-    line = resume.layout_problem(tmp_path, {**SAVED, "ep": 2}, now(ep=2, dp=4), reshardable=True)
-    assert "expert-parallel" in line
+def test_expert_parallel_layout_change_needs_the_reshardable_state(tmp_path):
+    assert resume.layout_problem(tmp_path, {**SAVED, "ep": 2}, now(ep=1), reshardable=True) is None
     assert resume.layout_problem(tmp_path, {**SAVED, "ep": 2}, now(ep=2), reshardable=True) is None
-    assert "ep 1->2" in resume.layout_problem(tmp_path, SAVED, now(ep=2), reshardable=True)
+    assert "ep 1->2" in resume.layout_problem(tmp_path, SAVED, now(ep=2), reshardable=False)
 
 
 def test_another_model_shape_is_refused(tmp_path):

@@ -11,11 +11,13 @@ from mptk.config.schema import DebugConfig, NanPolicy
 from mptk.log import report, watchdog
 
 
-def synthetic(run_dir, steps=20) -> None:
+def synthetic(run_dir, steps=20, moe=False) -> None:
     rows = []
     for s in range(1, steps + 1):
         row = {"step": s, "steps": steps, "loss": 8 - 0.2 * s, "lr": 1e-3, "grad_norm": 1.0,
                "tokens_per_s": 1000 + s, "step_time_s": 0.1, "rss_mb": 400 + s}
+        if moe:
+            row |= {"moe_aux_loss": 1.2 - 0.01 * s, "moe_load_min": 0.5, "moe_load_max": 1.6}
         if s % 10 == 0:
             row["eval_loss"] = 8 - 0.15 * s
         if s % 5 == 0:
@@ -34,6 +36,23 @@ def test_cli_writes_png_and_summary(tmp_path, capsys):
     assert "20/20 steps" in out and "loss 7.8000 -> 4.0000" in out and "eval_loss (last) 5.0000" in out
     assert "slowest rank rank 3 (3 of 4 log steps)" in out
     assert report.phase_keys(report.read_rows(tmp_path)) == ["forward_s_max", "backward_s_max"]
+
+
+def _png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # IHDR width
+
+
+def test_moe_panel_only_for_moe_runs(tmp_path):
+    """A MoE run's rows (aux loss, expert load) add a fifth panel; a dense run keeps four."""
+    dense, moe = tmp_path / "dense", tmp_path / "moe"
+    for path, flag in ((dense, False), (moe, True)):
+        path.mkdir()
+        synthetic(path, moe=flag)
+        report.plot(path)
+    titles = [title for _, title in report.panels(report.read_rows(moe))]
+    assert report.panels(report.read_rows(moe))[-1][0] == ["moe_aux_loss", "moe_load_min", "moe_load_max"]
+    assert len(titles) == 5 and titles[-1].startswith("MoE") and len(report.panels(report.read_rows(dense))) == 4
+    assert _png_width(moe / "report.png") == 5 * _png_width(dense / "report.png") // 4
 
 
 def test_cli_refuses_dir_without_metrics(tmp_path):

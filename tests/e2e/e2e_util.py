@@ -26,3 +26,14 @@ def mptk(*args: str, timeout: float = 600, env: dict | None = None,
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_rows_close(ref: dict, got: dict, keys=("loss", "grad_norm"), steps=None,
+                      rtol: float = 1e-5) -> None:
+    """Two runs' rows (step -> row) agree on ``keys`` at ``steps`` (default: all of ``got``'s)."""
+    import numpy as np
+
+    steps = list(steps) if steps is not None else sorted(got)
+    for key in keys:
+        np.testing.assert_allclose([got[s][key] for s in steps], [ref[s][key] for s in steps],
+                                   rtol=rtol, atol=0, err_msg=key)

@@ -167,9 +167,9 @@ def setup(cfg: RunConfig, env: DistEnv, prepare_model=None) -> Worker:
                 cp=layout.cp, ep=layout.ep)
     cfg.run_dir = agree_run_dir(cfg.run_dir)
     ranklog.setup(cfg.run_dir, groups.rank())
-    cp = f"cp={layout.cp} " if layout.cp > 1 else ""  # shown when it splits sequences
-    cp += f"ep={layout.ep} " if layout.ep > 1 else ""  # and when it splits experts
-    say(f"layout tp={layout.tp} pp={layout.pp} {cp}dp={layout.dp} "
+    # cp and ep are named only when they split sequences / experts (the tp/pp/dp line users grep)
+    split = "".join(f"{n}={d} " for n, d in (("cp", layout.cp), ("ep", layout.ep)) if d > 1)
+    say(f"layout tp={layout.tp} pp={layout.pp} {split}dp={layout.dp} "
         f"grad_acc={layout.grad_acc} "
         f"world={layout.world} on {device.type} ({backend}) launcher={env.launcher}; "
         f"run dir {cfg.run_dir}")

@@ -59,6 +59,8 @@ class Shape:
     """SwiGLU: fc1 is twice as wide."""
     rms: bool = False
     """RMSNorm (one weight) instead of LayerNorm (weight and bias)."""
+    bias: bool = True
+    """Biases on the layers' linears (qkv, projection, fc1, fc2: ``model.bias``)."""
     learned_pos: bool = True
     tied: bool = True
     """The LM head shares the token table (at pp>1 the last stage still keeps a copy)."""
@@ -83,6 +85,7 @@ def transformer(model: ModelConfig, **ends: Any) -> Shape:
         kv_heads=model.num_query_groups or model.num_attention_heads,
         ffn=model.ffn_hidden_size or 4 * model.hidden_size, seq=model.seq_length,
         gated=model.activation is Activation.swiglu, rms=model.normalization is Normalization.RMSNorm,
+        bias=model.bias,
         learned_pos=False, tied=False, flash=model.attention is AttentionImpl.sdpa,
         embedding=Embedding.none, head=Head.none)
     return Shape(**(fields | ends))

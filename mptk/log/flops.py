@@ -3,7 +3,9 @@
 Model FLOPs count forward + backward without recomputation (Narayanan et al. 2021,
 Korthikanti et al. 2022: ``72 B s l h^2 (1 + s/(6h) + V/(12 l h))`` for a GPT), written per
 layer in :func:`mptk.plan.cost.model_flops` on the shape the recipe states, so the planner and
-the run report the same figure. MFU is model TFLOP/s per device over the device's peak dense
+the run report the same figure. A Mixture-of-Experts model counts the matmuls a token meets:
+router, shared expert and ``topk`` experts (Megatron-LM's MoE formula, plus the router's
+small matmul). MFU is model TFLOP/s per device over the device's peak dense
 bf16 TFLOP/s: from ``cluster.peak_tflops`` when set, else the GPU table
 (:mod:`mptk.plan.hardware`) by ``cluster.gpu`` or the CUDA device name. On CPU there is no
 peak: TFLOP/s only, no MFU.

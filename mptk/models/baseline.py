@@ -31,8 +31,8 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Block(nn.Module):
-    """Pre-norm transformer layer with megatron's defaults: biases, LayerNorm/RMSNorm, GELU or
-    SwiGLU, causal SDPA, grouped-query attention when asked."""
+    """Pre-norm transformer layer with megatron's defaults: biases (unless model.bias=false),
+    LayerNorm/RMSNorm, GELU or SwiGLU, causal SDPA, grouped-query attention when asked."""
 
     def __init__(self, m):
         super().__init__()
@@ -41,10 +41,11 @@ class Block(nn.Module):
         ffn, self.swiglu = m.ffn_hidden_size or 4 * h, m.activation.value == "swiglu"
         norm = nn.RMSNorm if m.normalization.value == "RMSNorm" else nn.LayerNorm
         self.ln1, self.ln2 = norm(h), norm(h)
-        self.qkv = nn.Linear(h, (heads + 2 * self.groups) * self.d)
-        self.proj = nn.Linear(heads * self.d, h)
-        self.fc1 = nn.Linear(h, ffn * (2 if self.swiglu else 1))
-        self.fc2 = nn.Linear(ffn, h)
+        bias = getattr(m, "bias", True)  # model.bias=false drops the linear biases, as megatron does
+        self.qkv = nn.Linear(h, (heads + 2 * self.groups) * self.d, bias=bias)
+        self.proj = nn.Linear(heads * self.d, h, bias=bias)
+        self.fc1 = nn.Linear(h, ffn * (2 if self.swiglu else 1), bias=bias)
+        self.fc2 = nn.Linear(ffn, h, bias=bias)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         """``x``: ``[b, s, h]``; ``rope``: the (cos, sin) tables, or ``None``."""

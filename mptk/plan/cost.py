@@ -86,16 +86,17 @@ def _attention(s: Shape, tp: int, bias: bool = True) -> list[tuple[int, bool]]:
 
 
 def layer_tensors(s: Shape, tp: int, ep: int = 1) -> list[tuple[int, bool]]:
-    """One megatron transformer layer (local spec, biases on) on one tp rank; a MoE layer's
+    """One megatron transformer layer (local spec) on one tp rank; a MoE layer's
     experts split over ``ep`` ranks (expert tp = tp, megatron's default)."""
     return dense_layer_tensors(s, tp) + expert_tensors(s, tp, ep)
 
 
 def dense_layer_tensors(s: Shape, tp: int) -> list[tuple[int, bool]]:
     """The tensors of one layer every ep rank holds: attention, and the dense MLP or the
-    router (replicated over tp) and the shared expert."""
+    router (replicated over tp) and the shared expert. The linears' biases follow
+    ``s.bias`` (megatron's ``add_bias_linear``; the norms keep theirs)."""
     if not isinstance(s, MoEShape):
-        return [*_attention(s, tp), *_norm(s), *_mlp(s.hidden, s.ffn, s.gated, tp)]
+        return [*_attention(s, tp, s.bias), *_norm(s), *_mlp(s.hidden, s.ffn, s.gated, tp, s.bias)]
     shared = _mlp(s.hidden, s.shared_ffn, s.gated, tp, bias=False) if s.shared_ffn else []
     return [*_attention(s, tp, bias=False), *_norm(s), (s.experts * s.hidden, True), *shared]
 

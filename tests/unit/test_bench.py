@@ -13,11 +13,12 @@ from mptk.models import baseline
 from mptk.plan.cost import shape_of, total_params
 
 
-@pytest.mark.parametrize("model", ["gpt_tiny", "gpt_small", "gpt_1p3b"])
-def test_plain_gpt_has_the_recipes_parameter_count(model):
-    """Same shape as megatron's GPTModel (biases, two norms per layer, final norm, tied
-    output; learned positions or RoPE), counted as the planner counts it."""
-    cfg = compose([f"model={model}"])
+@pytest.mark.parametrize("overrides", [["model=gpt_tiny"], ["model=gpt_small"], ["model=gpt_1p3b"],
+                                       ["model=gpt_tiny", "model.bias=false"]])
+def test_plain_gpt_has_the_recipes_parameter_count(overrides):
+    """Same shape as megatron's GPTModel (biases unless model.bias=false, two norms per layer,
+    final norm, tied output; learned positions or RoPE), counted as the planner counts it."""
+    cfg = compose(overrides)
     with torch.device("meta"):
         plain = baseline.PlainGPT(cfg.model)
     assert sum(p.numel() for p in plain.parameters()) == total_params(shape_of(cfg.model))

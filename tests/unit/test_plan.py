@@ -99,10 +99,47 @@ def test_megatron_flops_formula():
     (["model=gpt_tiny", "model.activation=swiglu", "model.normalization=RMSNorm",
       "model.num_query_groups=2", "model.position_embedding=rope", "model.tie_embeddings=false"],
      2_038_912),
+    (["model=gpt_tiny", "model.bias=false"], 1_329_408),
+    (["experiment=vit_digits", "model.bias=false"], 101_130),  # the class head keeps its bias
+    (["model=gpt_tiny", "model.bias=false", "model.activation=swiglu", "model.normalization=RMSNorm",
+      "model.num_query_groups=2", "model.position_embedding=rope", "model.tie_embeddings=false"],
+     2_032_768),
 ])
 def test_param_counts_equal_megatron(overrides, count):
     """Counts measured on megatron-core 0.16.1 models built by the recipes (sum of numel)."""
     assert cost.total_params(cost.shape_of(compose(overrides).model)) == count
+
+
+@pytest.mark.parametrize("overrides, count", [
+    (["model=gpt_tiny"], 676_864),
+    (["model=gpt_tiny", "model.bias=false"], 674_048),
+    (["experiment=vit_digits", "model.bias=false"], 51_978),
+    (["model=gpt_tiny", "model.bias=false", "model.activation=swiglu", "model.normalization=RMSNorm",
+      "model.num_query_groups=2", "model.position_embedding=rope", "model.tie_embeddings=false"],
+     1_016_960),
+])
+def test_param_counts_at_tp2_equal_megatron(overrides, count):
+    """Per-rank counts of the same megatron-core models built at tp 2 (tests/spawn builds
+    them at bias=true: test_plan_measure.py)."""
+    sh = cost.shape_of(compose(overrides).model)
+    assert cost.numel(cost.stage_tensors(sh, 2, sh.layers, True, True)) == count
+
+
+def test_bias_false_drops_the_linears_biases_by_hand():
+    """``model.bias=false`` (megatron's ``add_bias_linear``) drops the qkv, projection, fc1
+    and fc2 biases of every layer, and nothing else: the LayerNorms keep theirs. gpt_tiny: 4
+    layers x 128, qkv 3h, fc1 4h; 1.3B: 24 x 2048. The memory follows the count."""
+    per_layer = 3 * 128 + 128 + 4 * 128 + 128
+    with_b, without = (cost.shape_of(compose(["model=gpt_tiny", f"model.bias={b}"]).model)
+                       for b in ("true", "false"))
+    assert cost.total_params(with_b) - cost.total_params(without) == 4 * per_layer == 4608
+    assert cost.tensor_count(cost.stage_tensors(with_b, 1, 4, True, True)) - cost.tensor_count(
+        cost.stage_tensors(without, 1, 4, True, True)) == 4 * 4
+    no_bias = compose(["model=gpt_1p3b", "train.dtype=bf16", "train.micro_batch_size=4",
+                       "train.global_batch_size=512", "parallel.tp=1", "zero=zero1",
+                       "model.bias=false"])
+    rows = dict(plan(no_bias, Cluster(4, 8, gpu("h100"))).memory.rows())
+    assert rows["weights"] == 2 * (1_311_625_216 - 24 * (3 * 2048 + 2048 + 4 * 2048 + 2048))
 
 
 def test_tp_ranks_split_matrices():

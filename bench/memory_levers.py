@@ -176,6 +176,7 @@ def main() -> None:
                     help="hidden and attention dropout (Korthikanti's formula counts their masks)")
     ap.add_argument("--attention", choices=["local", "sdpa"], default="local")
     ap.add_argument("--detail", action="store_true", help="rank 0's saved tensors by shape")
+    ap.add_argument("--plot", type=Path, help="also draw measured vs planner bars into this PNG")
     a = ap.parse_args()
 
     from mptk.config.load import compose
@@ -234,6 +235,32 @@ def main() -> None:
                     print(f"  {nbytes / 2**20:7.2f}  x{count:<3d} {at:6s} {top:28s} {shape} {dtype}")
     for r in rows:
         print(json.dumps({k: v for k, v in r.items() if k != "detail"}))
+    if a.plot:
+        plot(rows, a.plot)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Grouped bars, one pair (measured, planner) per combination, MiB per rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['recompute']}\nsp {'on' if r['sp'] else 'off'}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for shift, key, label in ((-0.2, "measured_bytes", "measured (saved for backward)"),
+                              (0.2, "predicted_bytes", "planner")):
+        bars = ax.bar([i + shift for i in x], [r[key] / 2**20 for r in rows], 0.4, label=label)
+        if key == "measured_bytes":
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("MiB per rank, one micro-batch")
+    ax.set_title("Activation memory at tp=2: recompute x sequence parallelism")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"# plot: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

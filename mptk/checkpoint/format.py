@@ -3,12 +3,15 @@ atomic publish, pruning and the listing of candidates. Rules: ``docs/checkpoints
 
 One checkpoint ``step_<8 digits>/`` holds ``weights/`` (megatron dist-checkpointing,
 ``torch_dist``: reshardable), ``deepspeed/`` (module, optimizer/ZeRO partitions and LR
-scheduler: exact resume at the same layout), ``rng/rank_<r>.pt`` (every rank's RNG streams),
-``meta.json``, ``config.json`` and, written last, ``manifest.json`` (size and blake2b of every
-file). It is written as ``.tmp-step_…`` and renamed when complete, then the ``latest`` pointer
-is replaced: a crash mid-save leaves the previous checkpoint untouched.
+scheduler: exact resume at the same layout), ``optim/`` (the optimizer state, reshardable),
+``rng/rank_<r>.pt`` (every rank's RNG streams), ``meta.json`` (which also records whether
+``deepspeed/`` and ``optim/`` were written: :func:`holds`), ``config.json`` and, written last,
+``manifest.json`` (size and blake2b of every file). It is written as ``.tmp-step_…`` and
+renamed when complete, then the ``latest`` pointer is replaced: a crash mid-save leaves the
+previous checkpoint untouched.
 
-What goes *into* ``weights/``, ``deepspeed/`` and ``rng/`` is :mod:`mptk.checkpoint.state`.
+What goes *into* ``weights/``, ``optim/``, ``deepspeed/`` and ``rng/`` is
+:mod:`mptk.checkpoint.state`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from mptk.checkpoint.ranks import gather, rank, world
 FORMAT_VERSION = 1
 CHECKPOINTS, LATEST, MANIFEST, META, CONFIG = (
     "checkpoints", "latest", "manifest.json", "meta.json", "config.json")
-WEIGHTS, DEEPSPEED_TAG, RNG = "weights", "deepspeed", "rng"
+WEIGHTS, DEEPSPEED_TAG, RNG, OPTIM = "weights", "deepspeed", "rng", "optim"
+HOLDS_DEEPSPEED, HOLDS_OPTIM = "deepspeed_state", "optim"
+"""The ``meta.json`` keys recording whether a save wrote DeepSpeed's own state (``deepspeed/``)
+and the reshardable optimizer state (``optim/``): :func:`holds`."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -121,21 +127,44 @@ def layout_record(cfg, layout) -> dict:
             "global_batch_size": cfg.train.global_batch_size}
 
 
-def meta_record(cfg, layout, step: int, wandb_run_id: Optional[str]) -> dict:
-    """The content of ``meta.json`` for checkpoint ``step``."""
+def parts_record(deepspeed_state: bool, optim: bool) -> dict:
+    """What a save writes besides weights and RNG, as ``meta.json`` records it."""
+    return {HOLDS_DEEPSPEED: bool(deepspeed_state), HOLDS_OPTIM: bool(optim)}
+
+
+def meta_record(cfg, layout, step: int, wandb_run_id: Optional[str], parts: dict) -> dict:
+    """The content of ``meta.json`` for checkpoint ``step``; ``parts`` from
+    :func:`parts_record`."""
     return {"format_version": FORMAT_VERSION, "step": step,
             "consumed_samples": step * cfg.train.global_batch_size,
             "layout": layout_record(cfg, layout), "layout_line": layout.describe(),
-            "recipe": cfg.model.recipe, "wandb_run_id": wandb_run_id,
+            "recipe": cfg.model.recipe, "wandb_run_id": wandb_run_id, **parts,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__}
+
+
+def read_meta(folder: Path) -> Optional[dict]:
+    """``folder``'s meta.json (None when unreadable)."""
+    try:
+        return read_json(Path(folder) / META)
+    except (OSError, ValueError):
+        return None
 
 
 def saved_layout(folder: Path) -> Optional[dict]:
     """The layout recorded in ``folder``'s meta.json (None when unreadable)."""
-    try:
-        return read_json(Path(folder) / META).get("layout", {})
-    except (OSError, ValueError):
-        return None
+    meta = read_meta(folder)
+    return None if meta is None else meta.get("layout", {})
+
+
+def holds(folder: Path, meta: Optional[dict] = None) -> dict[str, bool]:
+    """Whether checkpoint ``folder`` (its meta.json, or ``meta``) holds DeepSpeed's own state
+    and the reshardable optimizer state (:data:`HOLDS_DEEPSPEED`, :data:`HOLDS_OPTIM`), as the
+    save recorded it. Meta written before that record: what the rules of then said (no
+    DeepSpeed state with experts split over ep ranks; ``optim/`` where its metadata is)."""
+    meta = (read_meta(folder) or {}) if meta is None else meta
+    ep = int(meta.get("layout", {}).get("ep", 1))
+    return {HOLDS_DEEPSPEED: bool(meta.get(HOLDS_DEEPSPEED, ep <= 1)),
+            HOLDS_OPTIM: bool(meta.get(HOLDS_OPTIM, (Path(folder) / OPTIM / ".metadata").is_file()))}
 
 
 # --------------------------------------------------------------------------- manifest
@@ -198,12 +227,6 @@ def verify(folder: Path) -> list[str]:
     return mine if len(parts) == 1 else sorted(p for part in parts for p in part)
 
 
-def expert_parallel(folder: Path) -> bool:
-    """Whether checkpoint ``folder`` was saved with experts split over ep ranks (then it holds
-    no DeepSpeed state: :func:`mptk.checkpoint.state.deepspeed_state_saved`)."""
-    return int((saved_layout(folder) or {}).get("ep", 1)) > 1
-
-
 def structure_problems(folder: Path, world_size: int) -> list[str]:
     """Parts a finished save must have, checked before the manifest is written."""
     problems = [f"{part} missing" for part in (META, CONFIG, f"{WEIGHTS}/.metadata")
@@ -211,8 +234,13 @@ def structure_problems(folder: Path, world_size: int) -> list[str]:
     rng = len(list((folder / RNG).glob("rank_*.pt")))
     if rng != world_size:
         problems.append(f"{RNG}/ holds {rng} rank files, expected {world_size}")
-    if not expert_parallel(folder) and not list((folder / DEEPSPEED_TAG).glob("*model_states.pt")):
+    parts = holds(folder)
+    if parts[HOLDS_DEEPSPEED] and not list((folder / DEEPSPEED_TAG).glob("*model_states.pt")):
         problems.append(f"{DEEPSPEED_TAG}/ holds no model states")
+    if parts[HOLDS_OPTIM] and not (folder / OPTIM / ".metadata").is_file():
+        problems.append(f"{OPTIM}/.metadata missing")
+    if not any(parts.values()):
+        problems.append(f"neither {DEEPSPEED_TAG}/ nor {OPTIM}/ written: no optimizer state")
     return problems
 
 

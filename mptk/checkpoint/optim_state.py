@@ -23,10 +23,8 @@ from typing import Any, Optional
 
 import torch
 
-from mptk.checkpoint.format import CheckpointError
+from mptk.checkpoint.format import OPTIM, CheckpointError
 
-OPTIM = "optim"
-"""The folder of a checkpoint holding the reshardable optimizer state."""
 MASTER = "fp32_param"
 """The state name of the fp32 master weights."""
 

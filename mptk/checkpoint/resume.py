@@ -22,8 +22,7 @@ import torch
 
 from mptk.checkpoint import format as fmt
 from mptk.checkpoint import hf, state
-from mptk.checkpoint.format import CheckpointError
-from mptk.checkpoint.optim_state import OPTIM
+from mptk.checkpoint.format import HOLDS_DEEPSPEED, HOLDS_OPTIM, OPTIM, CheckpointError
 from mptk.checkpoint.ranks import from_rank0, rank, say, warn
 from mptk.config.checks import checkpoint_problems
 
@@ -139,7 +138,7 @@ def layout_problem(folder: Path, saved: dict, now: dict,
                    reshardable: bool = False) -> Optional[str]:
     """One line when a full resume from ``folder`` (saved with ``saved``) cannot run as ``now``
     (both :func:`mptk.checkpoint.format.layout_record`); ``reshardable``: the checkpoint holds
-    the optimizer state of :mod:`mptk.checkpoint.optim_state`."""
+    the optimizer state of :mod:`mptk.checkpoint.optim_state` (:func:`reshardable`)."""
     fixed, changes = _diff(saved, now, FIXED_KEYS), layout_changes(saved, now)
     if not fixed and (not changes or reshardable):
         return None
@@ -148,9 +147,16 @@ def layout_problem(folder: Path, saved: dict, now: dict,
     if fixed:
         return (f"train.resume: {folder} was saved with {', '.join(fixed)}; a full resume keeps "
                 f"train.dtype and train.global_batch_size: restore them, or {init_from}")
-    why = f"it holds no reshardable optimizer state (no {OPTIM}/: saved by an older mptk)"
     return (f"train.resume: {folder} was saved with another layout ({', '.join(changes)}) and "
-            f"{why}: restore that layout, or {init_from}")
+            f"{_why_no_optim(folder)}: restore that layout, or {init_from}")
+
+
+def _why_no_optim(folder: Path) -> str:
+    """Why ``folder`` holds no reshardable optimizer state, and what avoids it next time."""
+    if HOLDS_OPTIM in (fmt.read_meta(folder) or {}):  # recorded: the run chose not to write it
+        return (f"it has no {OPTIM}/ (saved with train.save_reshardable_optim=false; keep that "
+                f"true in runs that may resume at another layout)")
+    return f"it holds no reshardable optimizer state (no {OPTIM}/: saved by an older mptk)"
 
 
 def shape_problem(folder: Path, cfg) -> Optional[str]:
@@ -168,9 +174,10 @@ def shape_problem(folder: Path, cfg) -> Optional[str]:
             f"the model's shape: restore those fields, or use a new hydra.run.dir")
 
 
-def reshardable(folder: Path) -> bool:
-    """Whether checkpoint ``folder`` holds the reshardable optimizer state."""
-    return (Path(folder) / OPTIM / ".metadata").is_file()
+def reshardable(folder: Path, meta: Optional[dict] = None) -> bool:
+    """Whether checkpoint ``folder`` (its meta.json, or ``meta``) holds the reshardable
+    optimizer state, as its save recorded (:func:`mptk.checkpoint.format.holds`)."""
+    return fmt.holds(folder, meta)[HOLDS_OPTIM]
 
 
 def no_intact(decision: Decision) -> str:
@@ -227,8 +234,8 @@ class Plan:
     """A resume at another layout: what changes (the weights are already loaded; the optimizer
     state is resharded by :func:`restore`). Empty: DeepSpeed's own exact resume."""
     own_state: bool = False
-    """The checkpoint holds no DeepSpeed state (experts split over ep ranks): weights and
-    optimizer state come from mptk's own reshardable files, at any layout."""
+    """The checkpoint holds no DeepSpeed state (its meta says so: experts split over ep ranks):
+    weights and optimizer state come from mptk's own reshardable files, at any layout."""
     seed: int = 0
     """The run's ``train.seed``: a resume at another layout reseeds from it and the step."""
     device: str = "cpu"
@@ -258,7 +265,7 @@ def prepare(cfg, layout, model: torch.nn.Module) -> Plan:
     """Before DeepSpeed takes ``model``: the checkpoint to resume from (its layout checked), or
     else ``train.init_from`` weights loaded into ``model``. A collective: rank 0 lists the run
     dir, every rank verifies a share of the files."""
-    problems = checkpoint_problems(cfg.train)
+    problems = checkpoint_problems(cfg.train, cfg.parallel.ep)
     decision = from_rank0(decide_for(cfg) if rank() == 0 else None)
     problems += list(decision.problems)
     if problems:
@@ -287,12 +294,13 @@ def _relayout(cfg, layout, model: torch.nn.Module, plan: Plan) -> None:
     :func:`restore`)."""
     assert plan.folder is not None
     saved, now = plan.meta.get("layout", {}), fmt.layout_record(cfg, layout)
+    parts = fmt.holds(plan.folder, plan.meta)
     message = shape_problem(plan.folder, cfg) or layout_problem(plan.folder, saved, now,
-                                                                 reshardable(plan.folder))
+                                                                 parts[HOLDS_OPTIM])
     if message:
         raise CheckpointError(message)
     plan.changes = layout_changes(saved, now)
-    plan.own_state = fmt.expert_parallel(plan.folder)
+    plan.own_state = not parts[HOLDS_DEEPSPEED]
     if plan.changes or plan.own_state:
         from mptk.parallel import groups
 

@@ -19,7 +19,16 @@ import numpy as np
 import torch
 
 from mptk.checkpoint import optim_state
-from mptk.checkpoint.format import DEEPSPEED_TAG, RNG, WEIGHTS, CheckpointError
+from mptk.checkpoint.format import (
+    DEEPSPEED_TAG,
+    HOLDS_DEEPSPEED,
+    HOLDS_OPTIM,
+    OPTIM,
+    RNG,
+    WEIGHTS,
+    CheckpointError,
+    parts_record,
+)
 from mptk.checkpoint.ranks import rank
 
 
@@ -128,29 +137,34 @@ def load_weights(chunks: list[torch.nn.Module], folder: Path) -> None:
 # --------------------------------------------------------------------------- one rank's share
 
 
+def parts_to_write(engine, optim: bool) -> dict:
+    """What this run's checkpoints hold besides weights and RNG
+    (:func:`mptk.checkpoint.format.parts_record`, recorded in ``meta.json``): the reshardable
+    optimizer state when ``optim`` (``train.save_reshardable_optim``), and DeepSpeed's own
+    state except with experts split over ep ranks: DeepSpeed's MoE checkpoint path wants its
+    own expert modules, and its model file would keep one ep rank's experts only. There the
+    weights and the reshardable optimizer state (which know every expert) are the whole resume
+    state."""
+    moe = getattr(engine, "has_moe_layers", False)  # set by mptk.engine.experts.bridge
+    return parts_record(not moe, optim)
+
+
 def save_rank_state(engine, folder: Path, step: int, global_batch_size: int,
-                    zero_stage: int) -> None:
-    """This rank's share of checkpoint ``step`` into ``folder``: weights, the reshardable
-    optimizer state, DeepSpeed state (with the step in its client state, checked on load) and
-    its RNG file. Every rank calls it."""
+                    zero_stage: int, parts: dict) -> None:
+    """This rank's share of checkpoint ``step`` into ``folder``: weights, the ``parts``
+    (:func:`parts_to_write`: the reshardable optimizer state, DeepSpeed state with the step in
+    its client state, checked on load) and its RNG file. Every rank calls it."""
     chunks = chunks_of(engine.module)
     save_weights(chunks, Path(folder) / WEIGHTS, zero_stage)
-    _local_results_queue()
-    optim_state.save(engine, chunks, Path(folder) / optim_state.OPTIM)
-    end_write_helpers()
-    if deepspeed_state_saved(engine):
+    if parts[HOLDS_OPTIM]:
+        _local_results_queue()
+        optim_state.save(engine, chunks, Path(folder) / OPTIM)
+        end_write_helpers()
+    if parts[HOLDS_DEEPSPEED]:
         client = {"step": step, "consumed_samples": step * global_batch_size}
         engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state=client,
                                save_latest=False)
     torch.save(rng_state(), rng_file(folder, rank()))
-
-
-def deepspeed_state_saved(engine) -> bool:
-    """Whether a checkpoint of this run holds DeepSpeed's own state. Not with experts split
-    over ep ranks: DeepSpeed's MoE checkpoint path wants its own expert modules, and its model
-    file would keep one ep rank's experts only. There the weights and the reshardable optimizer
-    state (which know every expert) are the whole resume state."""
-    return not getattr(engine, "has_moe_layers", False)  # set by mptk.engine.experts.bridge
 
 
 def load_rank_state(engine, folder: Path, step: int) -> None:
@@ -168,7 +182,7 @@ def load_relayout_state(engine, folder: Path, step: int, global_batch_size: int)
     resharded (the weights were loaded before DeepSpeed took the model), the LR schedule and
     DeepSpeed's counters at ``step``. The RNG streams are the caller's (rank files belong to
     the saved layout's ranks)."""
-    optim_state.load(engine, chunks_of(engine.module), Path(folder) / optim_state.OPTIM)
+    optim_state.load(engine, chunks_of(engine.module), Path(folder) / OPTIM)
     sched = engine.lr_scheduler
     if sched is not None:
         sched.last_epoch, sched._step_count = step, step + 1

@@ -38,15 +38,17 @@ def _crash_hook(step: int) -> None:
 
 def _write_parts(w, step: int, tmp: Path) -> None:
     """Every rank's share (:func:`mptk.checkpoint.state.save_rank_state`); rank 0 adds
-    ``meta.json`` and ``config.json``."""
+    ``meta.json`` (with the parts written) and ``config.json``."""
     from mptk.log.metrics import config_dict
 
     cfg = w.cfg
-    state.save_rank_state(w.engine, tmp, step, cfg.train.global_batch_size, cfg.zero.stage)
+    parts = state.parts_to_write(w.engine, cfg.train.save_reshardable_optim)
+    state.save_rank_state(w.engine, tmp, step, cfg.train.global_batch_size, cfg.zero.stage,
+                          parts)
     _crash_hook(step)
-    if rank() == 0:
+    if rank() == 0:  # the meta records what was written: resume reads that, not the rules
         run_id = getattr(w.metrics, "run_id", None)
-        fmt.write_json(tmp / fmt.META, fmt.meta_record(cfg, w.layout, step, run_id))
+        fmt.write_json(tmp / fmt.META, fmt.meta_record(cfg, w.layout, step, run_id, parts))
         fmt.write_json(tmp / fmt.CONFIG, config_dict(cfg))
 
 

@@ -87,11 +87,16 @@ def flatten(tree, prefix: str = "") -> dict:
 
 
 def config_diff(saved: dict, overrides: list[str]) -> list[str]:
-    """``key: saved -> now`` lines; 'now' is the config composed from ``overrides``."""
+    """``key: saved -> now`` lines; 'now' is the config composed from ``overrides`` with the
+    adjustment ``mptk-train`` makes before a run (and so before its config is saved): the
+    warm-up clamped to the run's length."""
+    from mptk.config.checks import clamp_warmup
     from mptk.config.load import compose
     from mptk.log.metrics import config_dict
 
-    now, old = flatten(config_dict(compose(overrides))), flatten(saved)
+    composed = compose(overrides)
+    clamp_warmup(composed)
+    now, old = flatten(config_dict(composed)), flatten(saved)
     keys = sorted((set(now) | set(old)) - {"run_dir"})
     return [f"  {k}: {old.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
             for k in keys if old.get(k, "<absent>") != now.get(k, "<absent>")]

@@ -17,16 +17,18 @@ from mptk.config.checks import clamp_warmup, submitit_job
 from mptk.config.load import ConfigError, compose, compose_cfg, conf_dir, to_run_config
 from mptk.config.schema import RunConfig
 from mptk.config.store import register_schemas
+from mptk.launch.sweep_job import apply_cluster_env
 from mptk.log.noise import quiet
-from mptk.parallel.env import detect
+from mptk.parallel.env import detect, ensure_gloo_ifname
 from mptk.train.preflight import PreflightError, startup
 
 
 def checked(dcfg: DictConfig) -> tuple[RunConfig, int]:
     """Typed config with the run dir filled in, and the world size; raises on bad input."""
     hydra_cfg = HydraConfig.get()
-    return check_all(to_run_config(dcfg), hydra_cfg.runtime.output_dir,
-                     list(hydra_cfg.overrides.task))
+    cfg = to_run_config(dcfg)
+    apply_cluster_env(cfg.cluster)  # a submitit sweep job: what an sbatch script exports
+    return check_all(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
 
 
 _WARNED: set[str] = set()
@@ -81,6 +83,7 @@ def train(dcfg: DictConfig) -> None:
     if env is not None:
         from mptk.train.loop import run
 
+        ensure_gloo_ifname(env)  # before the rendezvous: across nodes gloo must not bind to lo
         run(cfg, env)
     from mptk.launch.local import spawn
 

@@ -7,7 +7,9 @@ the file system; :mod:`mptk.train.preflight` adds the recipe, stage, memory and 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping
+from typing import Optional
 
 from mptk.config.schema import (
     Backend,
@@ -43,7 +45,7 @@ def config_problems(cfg: RunConfig, world_size: int, cuda_available: bool) -> li
         *_zero(cfg.zero, cfg.parallel),
         *_device(cfg, cuda_available),
         *_train(cfg.train),
-        *checkpoint_problems(cfg.train),
+        *checkpoint_problems(cfg.train, cfg.parallel.ep),
         *_optim(cfg.optim, cfg.train),
         *_debug(cfg),
         *_data(cfg.data),
@@ -419,6 +421,20 @@ def submitit_job(env: Mapping[str, str]) -> bool:
     return "SUBMITIT_FOLDER" in env or "SUBMITIT_EXECUTOR" in env
 
 
+SUBMITIT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
+"""submitit's variable naming its checkpoint signal (without ``SIG``); its default is USR2."""
+
+
+def submitit_signal(env: Mapping[str, str]) -> Optional[signal.Signals]:
+    """The signal submitit sends a sweep job ``signal_delay_s`` before its time limit (or on
+    preemption) and answers by checkpointing and requeueing the job; None outside such a job
+    or when ``SUBMITIT_PREEMPT_SIGNAL`` names no signal (submitit itself refuses that)."""
+    if not submitit_job(env):
+        return None
+    found = getattr(signal, "SIG" + env.get(SUBMITIT_SIGNAL_ENV, "USR2"), None)
+    return found if isinstance(found, signal.Signals) else None
+
+
 def slurm_rank_task(env: Mapping[str, str]) -> bool:
     """This process is one rank started by srun (SLURM_PROCID and a numeric SLURM_STEP_ID), not
     the one task of a submitit sweep job."""
@@ -451,9 +467,13 @@ def slurm_world(c: ClusterConfig, world: int, under_slurm: bool | None = None) -
         "cluster.nodes and cluster.tasks_per_node to the allocation (sbatch --nodes/--ntasks-per-node)"
     ]
 
-def checkpoint_problems(t: TrainConfig) -> list[str]:
-    """One line per bad checkpoint setting."""
+def checkpoint_problems(t: TrainConfig, ep: int = 1) -> list[str]:
+    """One line per bad checkpoint setting (``ep``: ``parallel.ep``)."""
     problems = []
+    if ep > 1 and not t.save_reshardable_optim:
+        problems.append(f"train.save_reshardable_optim=false at parallel.ep={ep}: with experts "
+                        f"split over ep ranks optim/ is the only optimizer state a checkpoint "
+                        f"has; set train.save_reshardable_optim=true")
     if t.save_interval < -1:
         problems.append(f"train.save_interval({t.save_interval}) < -1; use N>0, 0 "
                         f"(last step only) or -1 (never)")

@@ -307,6 +307,15 @@ class TrainConfig:
     -1 = never periodically nor at the end. SIGTERM/SIGUSR1 always save (then exit 3)."""
     keep_last: int = 2
     """Complete checkpoints kept (older ones are deleted); 0 = keep all."""
+    save_reshardable_optim: bool = True
+    """Every checkpoint also writes the optimizer state layout-free (``optim/``): the state a
+    resume at another tp/pp/dp/cp/ZeRO layout loads. It costs per save the fp32 master and
+    moments of every parameter once more on disk (12 bytes per parameter with AdamW), this
+    rank's tp x pp shard of them held in CPU memory and three dp all-reduces of it (all-gathers
+    at ZeRO-3: the save's memory peak on a large model). ``false`` saves all that; such
+    checkpoints resume exactly at their own layout only (DeepSpeed's copy) and preflight
+    refuses one at another layout. Must stay true at ``parallel.ep>1``, where it is the only
+    optimizer state saved."""
     resume: str = "auto"
     """``auto``: continue from the newest complete checkpoint in ``run_dir/checkpoints`` if
     any; ``none``: start fresh; a path (checkpoint, checkpoints dir or run dir): continue
@@ -325,14 +334,21 @@ class TrainConfig:
     """``torch.compile`` a GPT's cross-entropy over the logits too. Same losses; on
     the CPU it was slower and took more memory than eager, on a GPU it is unmeasured."""
     recompute: Recompute = Recompute.none
-    """Activation recomputation: ``none``, ``selective`` (core attention) or ``full`` (layer
-    inputs only). Same losses; memory and FLOPs in ``mptk-plan`` and docs/planner.md."""
+    """Activation recomputation, same losses either way. ``none``: every layer keeps
+    s*b*h*(34 + 5*a*s/h) bytes (16-bit; /tp for the split part). ``selective``: core attention
+    (scores, softmax, attention dropout) reruns in backward: saves the 5*a*s/h term, costs a few
+    % more FLOPs (with ``model.attention=sdpa`` no score matrix is kept, so it saves nothing
+    there). ``full``: a recomputed layer keeps only its input (2*s*b*h) and reruns its
+    forward in backward: ~33% more FLOPs, plus one rebuilt layer's activations at the backward
+    peak. ``mptk-plan`` shows both; measured in docs/memory_levers.md."""
     recompute_method: RecomputeMethod = RecomputeMethod.uniform
-    """With ``recompute=full``: ``uniform`` (groups of ``recompute_layers``) or ``block`` (the
-    first ``recompute_layers`` layers of each stage)."""
+    """With ``recompute=full``: ``uniform`` (every layer, checkpointed in groups of
+    ``recompute_layers``: least memory) or ``block`` (only the first ``recompute_layers`` layers
+    of each stage: the others keep their activations and cost no extra forward)."""
     recompute_layers: int = 1
-    """With ``recompute=full``: megatron's ``recompute_num_layers`` (group size for uniform,
-    layers per stage for block)."""
+    """With ``recompute=full``: megatron's ``recompute_num_layers`` (group size for uniform:
+    larger groups keep fewer inputs but rebuild more at once in backward; layers per stage for
+    block: more layers save more memory and cost more FLOPs)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -7,7 +7,7 @@ import signal
 
 from mptk.config.schema import RunConfig
 from mptk.exitcodes import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE
-from mptk.launch import runner
+from mptk.launch import runner, sweep_job
 from mptk.log.noise import quiet
 
 # A spawned worker imports this module first (it holds the process target), before the
@@ -18,6 +18,7 @@ quiet()
 def _worker(env, cfg: RunConfig) -> None:
     from mptk.train.loop import run
 
+    sweep_job.ignore_in_rank()
     flight_recorder(cfg.run_dir)
     run(cfg, env)
 
@@ -37,11 +38,19 @@ def flight_recorder(run_dir: str) -> None:
 
 
 def spawn(cfg: RunConfig, nproc: int) -> int:
-    """Run ``nproc`` workers; return 0, or the first failing worker's exit code."""
+    """Run ``nproc`` workers; return 0, or the first failing worker's exit code. In a submitit
+    sweep job submitit's signal is a save-and-requeue (:mod:`mptk.launch.sweep_job`)."""
     envs = runner.rank_envs(nproc, cfg.launcher.master_addr, cfg.launcher.master_port)
-    procs = runner.start(_worker, envs, cfg)
+    handoff = sweep_job.handoff()
+    with sweep_job.held_for_new_ranks(handoff):
+        procs = runner.start(_worker, envs, cfg)
     forward_signals(procs)  # SIGTERM/SIGUSR1 reach the workers (they save, exit 3)
-    return wait(procs)
+    if handoff is None:
+        return wait(procs)
+    handoff.started(procs)
+    code = wait(procs)
+    handoff.finish(code)  # saved for submitit's signal: submitit requeues the job from here
+    return code
 
 
 CLEAN_EXITS = (0, REQUEUE_EXIT_CODE)

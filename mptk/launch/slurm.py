@@ -118,10 +118,16 @@ def _text_problems(c: ClusterConfig) -> list[str]:
 # --------------------------------------------------------------------------- pieces
 
 
+def cluster_env(c: ClusterConfig) -> dict[str, str]:
+    """The profile's variables: ``env``, then ``debug_env`` on top when ``debug`` (a submitit
+    sweep job sets these in its launcher before it spawns the ranks)."""
+    return {**c.env, **(c.debug_env if c.debug else {})}
+
+
 def fabric_env(c: ClusterConfig) -> dict[str, str]:
-    """Variables every task gets: ``env``, then ``debug_env`` on top when ``debug``, and
-    ``MPTK_NSYS=1`` when ``nsys`` (the script's nsys wrapper reads it)."""
-    return {**c.env, **(c.debug_env if c.debug else {}), **({"MPTK_NSYS": "1"} if c.nsys else {})}
+    """Variables every task gets: :func:`cluster_env`, and ``MPTK_NSYS=1`` when ``nsys`` (the
+    script's nsys wrapper reads it)."""
+    return {**cluster_env(c), **({"MPTK_NSYS": "1"} if c.nsys else {})}
 
 
 def exports(env: dict[str, str]) -> str:

@@ -4,7 +4,7 @@ figures logged at log steps (aux loss, per-expert token load).
 
 megatron's router attaches the aux loss to its output with ``MoEAuxLossAutoScaler``, whose
 backward injects ``coeff * d(aux)`` times a class-wide scale. megatron's pipeline schedule
-sets that scale to ``1 / micro-batches`` itself; on the pp=1 path DeepSpeed divides the main
+sets that scale to ``cp / micro-batches`` itself; on the pp=1 path DeepSpeed divides the main
 loss by its gradient-accumulation steps, so the aux loss must be scaled the same way (else its
 weight would grow with grad_acc and a dp=4 run would not equal a one-process one).
 """

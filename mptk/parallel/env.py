@@ -66,15 +66,11 @@ def from_slurm(env: Mapping[str, str]) -> Optional[DistEnv]:
 
 
 def detect(env: Optional[Mapping[str, str]] = None) -> Optional[DistEnv]:
-    """The launcher's environment, or ``None`` when started bare (mptk spawns the workers).
-
-    Reading this process's own environment (``env`` None) also settles gloo's interface before
-    any rendezvous (:func:`ensure_gloo_ifname`)."""
+    """The launcher's environment (this process's when ``env`` is None), or ``None`` when
+    started bare (mptk spawns the workers). Reads only: the rank's entry settles gloo's
+    interface before its rendezvous (:func:`ensure_gloo_ifname`)."""
     source = os.environ if env is None else env
-    found = from_torchrun(source) or from_slurm(source)
-    if found is not None and env is None:
-        ensure_gloo_ifname(found)
-    return found
+    return from_torchrun(source) or from_slurm(source)
 
 
 GLOO_IFNAME = "GLOO_SOCKET_IFNAME"
@@ -239,7 +235,7 @@ def ensure_gloo_ifname(dist: DistEnv, environ: Optional[MutableMapping[str, str]
     if choice.ifname:
         environ[GLOO_IFNAME] = choice.ifname
     if choice.line and dist.local_rank == 0 and choice.line not in _PRINTED:
-        _PRINTED.add(choice.line)  # detect() runs several times per process
+        _PRINTED.add(choice.line)  # once per process, whoever calls again
         print(choice.line, file=sys.stderr, flush=True)
     return choice.ifname
 

@@ -143,8 +143,12 @@ class EngineStep:
         self.grad_acc, self.device, self.phases, self.clip = grad_acc, device, phases, clip
         time_grad_reduce(engine, phases)
         from mptk.models import moe
+        from mptk.parallel import groups
 
-        moe.set_aux_loss_scale(1.0 / grad_acc)  # as DeepSpeed divides the main loss
+        # As DeepSpeed divides the main loss by grad_acc; times cp as megatron's schedule does at
+        # pp>1: a cp rank's aux loss is its share of the sequence's (tokens per expert are counted
+        # over tp x cp) and DeepSpeed averages gradients over dp x cp, so the shares must add up.
+        moe.set_aux_loss_scale(groups.cp_size() / grad_acc)
 
     def train(self, step: int) -> tuple[float, float]:
         """One optimizer step (0-based ``step``): (loss mean over micro-batches and dp, norm)."""

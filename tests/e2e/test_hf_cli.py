@@ -109,3 +109,18 @@ def test_generate_greedy_at_tp2_and_pp2_equals_transformers(fine_tuned):
     bad = mptk("--checkpoint", str(fine_tuned["run"]), "--prompt", "x", "--top-p", "0",
                cmd="mptk-generate")
     assert bad.returncode == 2 and "--top-p 0.0: need" in bad.stderr.replace("--temperature 1.0 --top-k 0 ", "")
+
+
+def test_sampling_at_pp2_equals_one_process(fine_tuned):
+    """The last stage samples with the seeded generator and every stage takes its token: at pp=2
+    the sampled tokens are those of one process; another seed samples others."""
+    def sample(seed, *layout):
+        gen = mptk("--checkpoint", str(fine_tuned["run"]), f"--prompt={PROMPTS[0]}", "--json",
+                   "--max-new-tokens", "16", "--temperature", "1.5", "--top-k", "50", "--top-p",
+                   "0.95", "--seed", str(seed), *layout, cmd="mptk-generate")
+        assert gen.returncode == 0, gen.stderr[-3000:]
+        return [json.loads(x) for x in gen.stdout.splitlines() if x.startswith("{")][0]["token_ids"]
+
+    one = sample(7, "parallel.tp=1", "launcher.nproc_per_node=1")
+    assert sample(7, "parallel.tp=1", "parallel.pp=2", "launcher.nproc_per_node=2") == one
+    assert sample(8, "parallel.tp=1", "launcher.nproc_per_node=1") != one

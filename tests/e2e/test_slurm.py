@@ -81,6 +81,14 @@ def wait(job: str, until=lambda info: info.get("JobState") in TERMINAL) -> dict[
     pytest.fail(f"job {job} did not finish in {JOB_TIMEOUT_S}s: {job_info(job)}")
 
 
+def start_requeued_now(job: str) -> None:
+    """A requeued job waits ~2 min (Slurm's requeue begin delay) unless made eligible now, once
+    it is pending again: an update made while it still completes is undone by the requeue."""
+    wait(job, until=lambda info: (info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING"))
+         or info.get("JobState") in TERMINAL)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+
+
 def read(path: Path) -> str:
     return path.read_text() if path.exists() else f"<no output file {path}>"
 
@@ -164,9 +172,7 @@ def test_sigusr1_saves_requeues_and_resumes(tmp_path, cache):
     out_file = tmp_path / f"job-{job}.out"
     wait(job, until=lambda info: "step 2/" in read(out_file) or info.get("JobState") in TERMINAL)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    # A requeued job waits ~2 min (Slurm's requeue begin delay) unless made eligible now.
-    wait(job, until=lambda info: info.get("Restarts") == "1" or info.get("JobState") in TERMINAL)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+    start_requeued_now(job)
     info = wait(job)
     output = read(out_file)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output

@@ -37,10 +37,16 @@ def held_out_loss(env, cfg, steps, save):
 
 
 @pytest.mark.spawn
-def test_damaged_newest_checkpoint_falls_back(tiny, tmp_path, capfd):
-    cfg = tiny("parallel.tp=1", "launcher.nproc_per_node=2", "zero=zero2")
+@pytest.mark.parametrize("optim_copy", [True, False])
+def test_damaged_newest_checkpoint_falls_back(tiny, tmp_path, capfd, optim_copy):
+    """Also without the reshardable optimizer copy: the same-layout resume stays exact, one at
+    another layout is refused in one line before any process."""
+    setting = f"train.save_reshardable_optim={str(optim_copy).lower()}"
+    cfg = tiny("parallel.tp=1", "launcher.nproc_per_node=2", "zero=zero2", setting)
     first = run_world(train_and_save, 2, cfg, 3, {1, 2}, tmp=tmp_path)
     newest = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert (newest / "optim" / ".metadata").is_file() is optim_copy
+    assert ck.read_json(newest / ck.META)["optim"] is optim_copy
     victim = max((newest / "deepspeed").glob("*optim_states.pt"), key=lambda p: p.stat().st_size)
     size = victim.stat().st_size
     victim.write_bytes(victim.read_bytes()[: size // 2])  # a save cut short
@@ -51,6 +57,11 @@ def test_damaged_newest_checkpoint_falls_back(tiny, tmp_path, capfd):
     assert "mptk: warning: checkpoint" in err and "step_00000002 is damaged" in err
     assert f"deepspeed/{victim.name}: {size // 2} bytes, manifest says {size}" in err
     assert list(newest.parent.glob("step_00000002.damaged-*"))  # set aside, not retried
+    other = tiny("parallel.tp=1", "launcher.nproc_per_node=4", "zero=zero2", setting)
+    refused = ck.startup_problems(other, preflight(other, 4, False))
+    assert refused == ([] if optim_copy else [refused[0]]), refused
+    assert optim_copy or ("dp 2->4" in refused[0] and "no optim/" in refused[0]
+                          and "train.save_reshardable_optim=false" in refused[0])
 
 
 @pytest.mark.spawn

@@ -69,10 +69,16 @@ def test_recompute_equals_none_at_tp2_dp2(tiny, tmp_path, no_recompute, zero, ho
     assert ref["loss"][0] != ref["loss"][-1]
 
 
-def test_recompute_at_tp2_pp2_equals_pp1(tiny, reference, tmp_path):  # noqa: F811
-    for how in ("train.recompute=selective", "train.recompute=full"):
-        got = run_pipe(tiny, reference, tmp_path, 4, "parallel.tp=2", "parallel.pp=2", "zero=zero0", how)
-        assert_same(reference[0], got[0], rtol=1e-5)
+def test_recompute_at_tp2_pp2_equals_none(tiny, reference, tmp_path):  # noqa: F811
+    """Against no recomputation at the same tp2 x pp2 layout (1e-6), and that against pp=1 (1e-5)."""
+    def at_tp2_pp2(how):
+        return run_pipe(tiny, reference, tmp_path, 4, "parallel.tp=2", "parallel.pp=2", "zero=zero0",
+                        f"train.recompute={how}")[0]
+
+    none = at_tp2_pp2("none")
+    assert_same(reference[0], none, rtol=1e-5)
+    for how in ("selective", "full"):
+        assert_same(none, at_tp2_pp2(how), rtol=1e-6)
 
 
 @pytest.mark.parametrize("tp,zero", [(2, "zero0"), (4, "zero0"), (2, "zero1"), (2, "zero2"), (2, "zero3")])

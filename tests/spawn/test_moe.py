@@ -1,10 +1,10 @@
 """Mixture-of-Experts with expert parallelism proven by equality: ep=2 and ep=4 (ZeRO 0-2,
-with tp=2 + sequence parallelism, with pp=2) give the per-step losses, grad norms (clipping
-active: ``optim.grad_clip`` below the norms), held-out loss, aux loss and expert load of the
-one-process ep=1 run. The ep layouts run one after another in one 4-rank world (megatron's
-groups re-made per layout), so the table costs two spawns. And the check can fail: with the
-expert gradients reduced over all of dp instead of the expert-data-parallel group (run last in
-the same world), ep=2 no longer equals ep=1."""
+with tp=2 + sequence parallelism, with pp=2, with cp=2 at pp=1 and pp=2) give the per-step
+losses, grad norms (clipping active: ``optim.grad_clip`` below the norms), held-out loss, aux
+loss and expert load of the one-process ep=1 run. The ep layouts run one after another in one
+4-rank world (megatron's groups re-made per layout), so the table costs two spawns. And the
+check can fail: with the expert gradients reduced over all of dp instead of the
+expert-data-parallel group (run last in the same world), ep=2 no longer equals ep=1."""
 
 import numpy as np
 import pytest
@@ -20,6 +20,8 @@ LAYOUTS = {
     "ep2-dp4-z2": ("parallel.ep=2", "zero=zero2"),
     "ep2-tp2-sp-z0": ("parallel.ep=2", "parallel.tp=2", "parallel.sp=true", "zero=zero0"),
     "ep2-pp2-z1": ("parallel.ep=2", "parallel.pp=2", "zero=zero1"),
+    "ep2-cp2-z1": ("parallel.ep=2", "parallel.cp=2", "zero=zero1"),
+    "ep2-cp2-pp2-z0": ("parallel.ep=2", "parallel.cp=2", "parallel.pp=2", "zero=zero0"),
 }
 
 

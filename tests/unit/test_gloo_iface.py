@@ -3,6 +3,8 @@ here with the networks of the CI's two namespace nodes and of broken hosts."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mptk.parallel import env
@@ -115,3 +117,15 @@ def test_no_interface_warning_is_printed_once(monkeypatch, capsys):
     assert env.ensure_gloo_ifname(rank0, environ) is None and environ == {}
     assert env.ensure_gloo_ifname(rank0, environ) is None
     assert capsys.readouterr().err.count("mptk: warning: hostname vm resolves to") == 1
+
+
+def test_detect_only_reads(monkeypatch):
+    """Reading the environment sets nothing: the rank's entry (mptk-train under srun/torchrun)
+    settles gloo's interface right before its rendezvous."""
+    monkeypatch.setattr(env, "probe", lambda addr, port: net())
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "mptk-n1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert env.detect() == DistEnv(rank=1, local_rank=0, world_size=4, master_addr="mptk-n1",
+                                   master_port=1, launcher="torchrun")
+    assert "GLOO_SOCKET_IFNAME" not in os.environ

@@ -256,6 +256,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(list(x), names)
     ax.set_ylabel("MiB per rank, one micro-batch")
+    ax.set_ylim(0, 1.3 * max(r["measured_bytes"] for r in rows) / 2**20)  # room for the legend
     ax.set_title("Activation memory at tp=2: recompute x sequence parallelism")
     ax.legend()
     fig.tight_layout()
